@@ -1,0 +1,44 @@
+"""
+The tunnel's configuration as one immutable value.
+
+The command line builds a L{TunnelConfig}; so can any Python program that
+embeds the tunnel. Everything past this point reads only this value.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+from ghosttwist.addresses import Address, WorkloadApiAddress
+
+Mode = Literal["server", "client"]
+
+
+@attrs.frozen
+class TunnelConfig:
+    """
+    What one tunnel does: where it listens, where it forwards, who it
+    trusts and whom it lets through.
+
+    @ivar allow_uris: SPIFFE ID patterns; in server mode the clients allowed
+        in (C{--allow-uri}), in client mode the servers accepted
+        (C{--verify-uri}).
+    @ivar workload_api: the Workload API address, or L{None} to read it from
+        C{SPIFFE_ENDPOINT_SOCKET} when the tunnel starts.
+    @ivar workload_api_timeout: seconds to wait for the first identity;
+        0 waits forever.
+    """
+
+    mode: Mode
+    listen: Address
+    target: Address
+    workload_api: WorkloadApiAddress | None = None
+    workload_api_timeout: float = 600.0
+    allow_uris: tuple[str, ...] = ()
+    allow_all: bool = False
+    disable_authentication: bool = False
+    connect_timeout: float = 10.0
+    close_timeout: float = 1.0
+    shutdown_timeout: float = 300.0

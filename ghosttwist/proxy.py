@@ -1,0 +1,418 @@
+"""
+Moving bytes: one accepted connection spliced to one dialed connection.
+
+Each direction is a producer/consumer pair, so a slow reader pauses the
+other side and memory stays bounded. An end of writing on one side becomes
+an end of writing on the other (a FIN, or close_notify over TLS); after the
+first direction ends the other has C{close_timeout} to finish. Every wait
+is a C{callLater} that is cancelled on the way out, and every polite close
+has a deadline that ends in C{abortConnection}.
+"""
+
+from __future__ import annotations
+
+import time
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ghosttwist.config import TunnelConfig
+from ghosttwist.halfclose import HalfCloseTLSFactory
+from ghosttwist.tls import ContextHolder, handshake_state
+
+log = Logger()
+
+
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
+class _Side(Protocol):
+    """
+    One end of a splice; every event is passed to the splice.
+    """
+
+    def __init__(self, splice: Splice, tls: bool) -> None:
+        self.splice = splice
+        self.tls = tls
+        self.read_done = False
+        self.lost = False
+        self.bytes_in = 0
+        self.abort_timer = None
+
+    def connectionMade(self) -> None:
+        self.splice.side_connected(self)
+
+    def handshakeCompleted(self) -> None:
+        self.splice.handshake_completed(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.splice.data_received(self, data)
+
+    def readConnectionLost(self) -> None:
+        self.read_done = True
+        self.splice.read_ended(self)
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason=None) -> None:
+        self.lost = True
+        self.splice.side_lost(self, reason)
+
+
+class _DialFactory(Factory):
+    def __init__(self, side: _Side) -> None:
+        self.side = side
+
+    def buildProtocol(self, addr) -> _Side:
+        return self.side
+
+
+class ConnectionTracker:
+    """
+    The splices open right now, so a shutdown can wait for them to drain.
+    """
+
+    def __init__(self) -> None:
+        self.open: set[Splice] = set()
+        self._drained: list[Deferred] = []
+
+    def add(self, splice: Splice) -> None:
+        self.open.add(splice)
+
+    def remove(self, splice: Splice) -> None:
+        self.open.discard(splice)
+        if not self.open:
+            waiting, self._drained = self._drained, []
+            for deferred in waiting:
+                deferred.callback(None)
+
+    def drained(self) -> Deferred:
+        """
+        A Deferred that fires once no connection is open.
+        """
+        deferred = Deferred()
+        if not self.open:
+            deferred.callback(None)
+        else:
+            self._drained.append(deferred)
+        return deferred
+
+    def abort_all(self) -> None:
+        for splice in list(self.open):
+            splice.abort("shutdown timeout reached")
+
+
+class Splice:
+    """
+    One tunnelled connection: the accepted side, the dialed side, and the
+    rules for joining and parting them.
+    """
+
+    def __init__(self, tunnel: TunnelFactory) -> None:
+        self.tunnel = tunnel
+        self.config: TunnelConfig = tunnel.config
+        self.reactor = tunnel.reactor
+        server = self.config.mode == "server"
+        self.inbound = _Side(self, tls=server)
+        self.outbound = _Side(self, tls=not server)
+        self.spliced = False
+        self.finished = False
+        self.started = 0.0
+        self.remote = "?"
+        self._pending: list[bytes] = []
+        self._dial: Deferred | None = None
+        self._setup_timer = None
+        self._close_timer = None
+
+    # Setting up.
+
+    def side_connected(self, side: _Side) -> None:
+        if side is self.inbound:
+            self._accepted()
+        elif not side.tls:
+            self._join()
+
+    def _accepted(self) -> None:
+        self.started = time.monotonic()
+        self.remote = _describe(self.inbound.transport.getPeer())
+        self.tunnel.tracker.add(self)
+
+        if self.config.connect_timeout:
+            self._setup_timer = self.reactor.callLater(
+                self.config.connect_timeout, self._setup_timed_out
+            )
+
+        if not self.inbound.tls:
+            self.inbound.transport.pauseProducing()
+            self._dial_target()
+
+    def handshake_completed(self, side: _Side) -> None:
+        if side is self.inbound:
+            self._dial_target()
+        else:
+            self._join()
+
+    def _dial_target(self) -> None:
+        if self.finished:
+            return
+
+        factory = _DialFactory(self.outbound)
+        if self.outbound.tls:
+            factory = HalfCloseTLSFactory(
+                self.tunnel.contexts, True, factory, self.reactor
+            )
+
+        endpoint = self.config.target.client_endpoint(
+            self.reactor, self.config.connect_timeout
+        )
+        self._dial = endpoint.connect(factory)
+        self._dial.addErrback(self._dial_failed)
+
+    def _dial_failed(self, failure) -> None:
+        self._dial = None
+        if self.finished or failure.check(CancelledError):
+            return
+        log.warn(
+            "connection from {remote}: cannot reach {target}: {error}",
+            remote=self.remote,
+            target=str(self.config.target),
+            error=failure.getErrorMessage(),
+        )
+        self._close(self.inbound)
+
+    def _join(self) -> None:
+        if self.finished or self.inbound.lost:
+            self._close(self.outbound)
+            return
+
+        self._dial = None
+        self._cancel_setup_timer()
+        self.spliced = True
+        self._log_open()
+
+        inbound, outbound = self.inbound.transport, self.outbound.transport
+        outbound.registerProducer(inbound, True)
+        inbound.registerProducer(outbound, True)
+
+        pending, self._pending = self._pending, []
+        if pending:
+            outbound.write(b"".join(pending))
+        if self.inbound.read_done:
+            self.read_ended(self.inbound)
+        inbound.resumeProducing()
+
+    def _setup_timed_out(self) -> None:
+        self._setup_timer = None
+        stage = "TLS handshake" if not self._dial else f"connecting to {self.config.target}"
+        log.warn(
+            "connection from {remote}: timed out during {stage} after {timeout}s",
+            remote=self.remote,
+            stage=stage,
+            timeout=self.config.connect_timeout,
+        )
+        self.abort("connect timeout")
+
+    # Moving bytes.
+
+    def data_received(self, side: _Side, data: bytes) -> None:
+        if self.spliced:
+            self._other(side).transport.write(data)
+            return
+
+        if side is self.inbound:
+            self._pending.append(data)
+            side.transport.pauseProducing()
+
+    def read_ended(self, side: _Side) -> None:
+        if not self.spliced:
+            return
+
+        other = self._other(side)
+        if not other.lost:
+            other.transport.unregisterProducer()
+            other.transport.loseWriteConnection()
+
+        if self.inbound.read_done and self.outbound.read_done:
+            self._close_both()
+        elif self._close_timer is None:
+            self._close_timer = self.reactor.callLater(
+                self.config.close_timeout, self._close_both
+            )
+
+    # Parting.
+
+    def side_lost(self, side: _Side, reason) -> None:
+        other = self._other(side)
+        if side.abort_timer is not None and side.abort_timer.active():
+            side.abort_timer.cancel()
+        side.abort_timer = None
+
+        if not self.spliced and side is self.inbound:
+            self._refused(reason)
+        elif not self.spliced and side is self.outbound and self.outbound.tls:
+            self._server_refused(reason)
+
+        if self._dial is not None:
+            self._dial.cancel()
+            self._dial = None
+
+        if other.transport is not None and not other.lost:
+            self._close(other)
+
+        if self.inbound.lost and (self.outbound.lost or self.outbound.transport is None):
+            self._finish()
+
+    def _refused(self, reason) -> None:
+        state = handshake_state(self.inbound.transport)
+        if state is None or not state.refusal:
+            return
+        log.warn(
+            "refused connection from {remote}: {reason}: {detail} (peer {peer_id})",
+            remote=self.remote,
+            reason=state.refusal,
+            detail=state.detail,
+            peer_id=state.peer_id or _peer_id_from_chain(state),
+        )
+        self.tunnel.refusals[state.refusal] = self.tunnel.refusals.get(state.refusal, 0) + 1
+
+    def _server_refused(self, reason) -> None:
+        state = handshake_state(self.outbound.transport)
+        detail = reason.getErrorMessage() if reason is not None else "closed"
+        if state is not None and state.refusal:
+            detail = f"{state.refusal}: {state.detail}"
+        log.warn(
+            "connection from {remote}: refused server {target}: {detail}",
+            remote=self.remote,
+            target=str(self.config.target),
+            detail=detail,
+        )
+
+    def _close_both(self) -> None:
+        self._close_timer = None
+        for side in (self.inbound, self.outbound):
+            if side.transport is not None and not side.lost:
+                self._close(side)
+
+    def _close(self, side: _Side) -> None:
+        transport = side.transport
+        if transport is None or side.lost:
+            return
+
+        transport.unregisterProducer()
+        transport.loseConnection()
+        if side.abort_timer is None and not side.lost:
+            deadline = max(self.config.close_timeout, 1.0)
+            side.abort_timer = self.reactor.callLater(deadline, self._abort_side, side)
+
+    def _abort_side(self, side: _Side) -> None:
+        side.abort_timer = None
+        if not side.lost and side.transport is not None:
+            side.transport.abortConnection()
+
+    def abort(self, why: str) -> None:
+        """
+        Cut both sides now.
+        """
+        if self._dial is not None:
+            self._dial.cancel()
+            self._dial = None
+        for side in (self.inbound, self.outbound):
+            if side.transport is not None and not side.lost:
+                side.transport.abortConnection()
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._cancel_setup_timer()
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
+        self._close_timer = None
+        if self.spliced:
+            self._log_close()
+        self.tunnel.tracker.remove(self)
+
+    def _cancel_setup_timer(self) -> None:
+        if self._setup_timer is not None and self._setup_timer.active():
+            self._setup_timer.cancel()
+        self._setup_timer = None
+
+    def _other(self, side: _Side) -> _Side:
+        return self.outbound if side is self.inbound else self.inbound
+
+    # Log lines.
+
+    def _peer(self) -> tuple[str, str]:
+        tls_side = self.inbound if self.inbound.tls else self.outbound
+        state = handshake_state(tls_side.transport)
+        if state is None:
+            return "(not verified)", ""
+        return state.peer_id or "(no certificate)", state.decision
+
+    def _log_open(self) -> None:
+        peer_id, decision = self._peer()
+        role = "client" if self.config.mode == "server" else "server"
+        log.info(
+            "connection from {remote}: {role} {peer_id} allowed ({decision}), "
+            "forwarding to {target}",
+            remote=self.remote,
+            role=role,
+            peer_id=peer_id,
+            decision=decision or "no authentication",
+            target=str(self.config.target),
+        )
+
+    def _log_close(self) -> None:
+        peer_id, _ = self._peer()
+        log.info(
+            "closed connection from {remote} ({peer_id}): {sent} bytes in, "
+            "{received} bytes out, {seconds:.3f}s",
+            remote=self.remote,
+            peer_id=peer_id,
+            sent=self.inbound.bytes_in,
+            received=self.outbound.bytes_in,
+            seconds=time.monotonic() - self.started,
+        )
+
+
+def _describe(address) -> str:
+    host = getattr(address, "host", None)
+    if host is not None:
+        return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+    name = getattr(address, "name", None)
+    return f"unix:{name.decode() if isinstance(name, bytes) else name or '@'}"
+
+
+def _peer_id_from_chain(state) -> str:
+    leaf = state.chain.get(0)
+    if leaf is None:
+        return "no certificate"
+    try:
+        from ghosttwist.auth.svid import spiffe_id_of
+
+        spiffe_id = spiffe_id_of(leaf.to_cryptography())
+    except Exception:
+        spiffe_id = None
+    return str(spiffe_id) if spiffe_id else "unknown ID"
+
+
+class TunnelFactory(Factory):
+    """
+    Builds one L{Splice} per accepted connection and hands the reactor its
+    accepted side.
+    """
+
+    noisy = False
+
+    def __init__(self, config: TunnelConfig, contexts: ContextHolder, reactor) -> None:
+        self.config = config
+        self.contexts = contexts
+        self.reactor = reactor
+        self.tracker = ConnectionTracker()
+        self.refusals: dict[str, int] = {}
+
+    def buildProtocol(self, addr) -> _Side:
+        return Splice(self).inbound

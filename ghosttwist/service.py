@@ -1,0 +1,249 @@
+"""
+The tunnel as a Twisted service: identity source, TLS contexts, listener
+and proxy, started and stopped together.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from ghosttwist.auth.policy import Authorizer, SpiffeIdPattern
+from ghosttwist.auth.svid import BundleVerifier
+from ghosttwist.config import TunnelConfig
+from ghosttwist.durations import format_duration
+from ghosttwist.halfclose import HalfCloseTLSFactory
+from ghosttwist.identity import IIdentitySource, Identity
+from ghosttwist.proxy import TunnelFactory
+from ghosttwist.tls import ContextHolder, PeerPolicy, build_context
+
+log = Logger()
+
+
+class StartupError(Exception):
+    """
+    The tunnel could not start; the message is the one line to show.
+    """
+
+
+def authorizer_for(config: TunnelConfig) -> Authorizer:
+    """
+    The authorization policy the flags describe.
+
+    A client given no C{--verify-uri} accepts any server that proves a
+    SPIFFE ID from the trust bundles: SPIFFE authentication stands in for
+    the host name check a browser would make.
+    """
+    patterns = tuple(SpiffeIdPattern.parse(text) for text in config.allow_uris)
+    allow_all = config.allow_all or (config.mode == "client" and not patterns)
+    return Authorizer(allow_all=allow_all, patterns=patterns)
+
+
+class TunnelService(Service):
+    """
+    One tunnel: listens once the first identity has arrived, rebuilds its
+    TLS context on every update, and drains its connections when stopped.
+
+    @ivar ready: fires with the listening port once the tunnel accepts
+        connections, or fails with L{StartupError}.
+    """
+
+    def __init__(
+        self,
+        config: TunnelConfig,
+        reactor=None,
+        source: IIdentitySource | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.config = config
+        self.reactor = reactor
+        self.source = source
+        self.authorizer = authorizer_for(config)
+        self.contexts = ContextHolder(self._build_context)
+        self.factory = TunnelFactory(config, self.contexts, reactor)
+        self.ready: Deferred = Deferred()
+        self.port = None
+        self._first_timer = None
+        self._listening = None
+
+    def _build_context(self, identity: Identity):
+        server = self.config.mode == "server"
+        policy = None
+        if not (server and self.config.disable_authentication):
+            policy = PeerPolicy(BundleVerifier(identity.bundles), self.authorizer)
+        if self.config.disable_authentication and not server:
+            identity = Identity(chain=(), key=None, bundles=identity.bundles)
+        return build_context(identity, server=server, policy=policy)
+
+    def startService(self) -> None:
+        super().startService()
+
+        if self.source is None:
+            from ghosttwist.workload import WorkloadApiSource
+
+            self.source = WorkloadApiSource(self.config.workload_api, self.reactor)
+
+        self.source.subscribe(self._identity_updated)
+        if self.config.workload_api_timeout:
+            self._first_timer = self.reactor.callLater(
+                self.config.workload_api_timeout, self._first_identity_timed_out
+            )
+        self.source.start()
+
+    def _first_identity_timed_out(self) -> None:
+        self._first_timer = None
+        self._fail(
+            StartupError(
+                f"no X509-SVID from the Workload API at {self.config.workload_api} "
+                f"after {format_duration(self.config.workload_api_timeout)}; is the "
+                "agent running and does it know this workload?"
+            )
+        )
+
+    def _identity_updated(self, identity: Identity) -> None:
+        try:
+            self.contexts.update(identity)
+        except Exception as error:
+            log.error(
+                "identity update for {spiffe_id} cannot be used ({error}); "
+                "keeping the previous one",
+                error=error,
+                **identity.describe(),
+            )
+            return
+
+        log.info(
+            "identity updated: {spiffe_id} serial={serial} not_after={not_after} "
+            "bundles={trust_domains}",
+            **identity.describe(),
+        )
+
+        if self._first_timer is not None:
+            self._first_timer.cancel()
+            self._first_timer = None
+        if self.port is None and self._listening is None and self.running:
+            self._listen()
+
+    def _listen(self) -> None:
+        factory = self.factory
+        if self.config.mode == "server":
+            factory = HalfCloseTLSFactory(self.contexts, False, factory, self.reactor)
+
+        endpoint = self.config.listen.server_endpoint(self.reactor)
+        self._listening = endpoint.listen(factory)
+        self._listening.addCallbacks(self._listened, self._listen_failed)
+
+    def _listened(self, port) -> None:
+        self._listening = None
+        self.port = port
+        log.info(
+            "{mode} listening on {address}, forwarding to {target}",
+            mode=self.config.mode,
+            address=_address_of(port, self.config),
+            target=str(self.config.target),
+        )
+        if not self.running:
+            port.stopListening()
+            return
+        self.ready.callback(port)
+
+    def _listen_failed(self, failure) -> None:
+        self._listening = None
+        self._fail(
+            StartupError(
+                f"cannot listen on {self.config.listen}: {failure.getErrorMessage()}"
+            )
+        )
+
+    def _fail(self, error: StartupError) -> None:
+        if not self.ready.called:
+            self.ready.errback(error)
+
+    def stopService(self):
+        super().stopService()
+
+        if self._first_timer is not None:
+            self._first_timer.cancel()
+            self._first_timer = None
+        if self.source is not None:
+            self.source.stop()
+
+        port, self.port = self.port, None
+        stopped = port.stopListening() if port is not None else None
+        if not self.ready.called:
+            self.ready.errback(StartupError("stopped before it started"))
+            self.ready.addErrback(lambda failure: None)
+
+        return self._drain(stopped)
+
+    def _drain(self, stopped):
+        tracker = self.factory.tracker
+        if not tracker.open:
+            return stopped
+
+        timeout = self.config.shutdown_timeout
+        log.info(
+            "shutting down: waiting up to {timeout} for {count} open connections",
+            timeout=format_duration(timeout),
+            count=len(tracker.open),
+        )
+        drained = tracker.drained()
+        timer = self.reactor.callLater(timeout, tracker.abort_all)
+
+        def _done(result):
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return drained.addBoth(_done)
+
+
+def _address_of(port, config: TunnelConfig) -> str:
+    host = port.getHost()
+    if hasattr(host, "port"):
+        if ":" in host.host:
+            return f"[{host.host}]:{host.port}"
+        return f"{host.host}:{host.port}"
+    return str(config.listen)
+
+
+def make_tunnel_service_for_twistd(options) -> TunnelService:
+    """
+    The service twistd runs: a failure to start is logged as one line and
+    ends the process with exit status 1.
+    """
+    from twisted.internet import reactor
+
+    service = TunnelService(options.config, reactor)
+    service.ready.addErrback(_exit_on_startup_failure, reactor)
+    return service
+
+
+def _exit_on_startup_failure(failure, reactor) -> None:
+    if not failure.check(StartupError):
+        return failure
+
+    message = failure.getErrorMessage()
+    if message == "stopped before it started":
+        return None
+
+    log.critical("ghosttwist: {message}", message=message)
+    sys.stderr.write(f"ghosttwist: {message}\n")
+    atexit.register(_exit_now, 1)
+    if reactor.running:
+        reactor.stop()
+    else:
+        reactor.callWhenRunning(reactor.stop)
+    return None
+
+
+def _exit_now(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

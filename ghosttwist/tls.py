@@ -1,0 +1,225 @@
+"""
+TLS contexts built from an L{Identity}, and the connection creators that
+hand each new connection the context current at its birth.
+
+A pyOpenSSL C{Context} is never changed once a handshake may use it: each
+identity update builds a new one and swaps the reference, so connections
+already open keep the context they were born with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ghosttwist.auth.policy import Authorizer
+from ghosttwist.auth.svid import BundleVerifier, SvidError
+from ghosttwist.identity import Identity
+
+log = Logger()
+
+# Forward secrecy and AEAD only; TLS 1.3 suites are OpenSSL's defaults.
+CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
+
+MAX_CHAIN_DEPTH = 8
+
+_OPENSSL_TEXT = {
+    2: "unable to get issuer certificate",
+    7: "certificate signature failure",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    18: "self-signed certificate not in any bundle",
+    19: "self-signed certificate in chain not in any bundle",
+    20: "issuer not in any trust bundle",
+    21: "unable to verify the first certificate",
+    22: "certificate chain too long",
+    24: "invalid CA certificate in chain",
+    26: "unsupported certificate purpose",
+}
+
+# OpenSSL verification errors, mapped to the refusal reasons the tunnel logs.
+_OPENSSL_REASONS = {
+    9: "not-yet-valid",
+    10: "expired",
+    2: "untrusted-chain",
+    18: "untrusted-chain",
+    19: "untrusted-chain",
+    20: "untrusted-chain",
+    21: "untrusted-chain",
+    7: "untrusted-chain",
+    22: "chain-too-long",
+    24: "intermediate-not-ca",
+    26: "key-usage",
+}
+
+
+@attrs.define
+class HandshakeState:
+    """
+    What verification learned about the peer of one connection; hung on the
+    pyOpenSSL connection as its app data so the proxy can log it.
+    """
+
+    chain: dict[int, crypto.X509] = attrs.field(factory=dict)
+    peer_id: str | None = None
+    refusal: str | None = None
+    detail: str = ""
+    decision: str = ""
+
+
+@attrs.frozen
+class PeerPolicy:
+    """
+    How one context judges its peer: authentication against the bundles,
+    then authorization of the SPIFFE ID it proved.
+    """
+
+    verifier: BundleVerifier
+    authorizer: Authorizer
+
+    def verify(self, connection, certificate, errno, depth, ok) -> bool:
+        """
+        pyOpenSSL's verification callback: OpenSSL checks the chain against
+        every bundle at once, then the SPIFFE rules and the peer's own trust
+        domain are checked here, at depth 0, before the handshake ends.
+        """
+        state: HandshakeState = connection.get_app_data()
+
+        if not ok:
+            reason = _OPENSSL_REASONS.get(errno, "untrusted-chain")
+            state.refusal = reason
+            state.detail = _OPENSSL_TEXT.get(errno, f"OpenSSL verify error {errno}")
+            return False
+
+        state.chain[depth] = certificate
+        if depth > 0:
+            return True
+
+        return self._verify_leaf(state)
+
+    def _verify_leaf(self, state: HandshakeState) -> bool:
+        chain = [state.chain[depth].to_cryptography() for depth in sorted(state.chain)]
+        try:
+            spiffe_id = self.verifier.authenticate(chain)
+        except SvidError as error:
+            state.refusal = error.reason
+            state.detail = str(error)
+            return False
+
+        state.peer_id = str(spiffe_id)
+        decision = self.authorizer.check(spiffe_id)
+        state.decision = decision.reason
+        if not decision.allowed:
+            state.refusal = "unauthorized"
+            state.detail = decision.reason
+            return False
+
+        return True
+
+
+def build_context(
+    identity: Identity,
+    *,
+    server: bool,
+    policy: PeerPolicy | None,
+) -> SSL.Context:
+    """
+    Build a fresh context that presents C{identity} and verifies peers with
+    C{policy}; L{None} for C{policy} means no peer certificate is asked for.
+    """
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_options(
+        SSL.OP_NO_COMPRESSION
+        | SSL.OP_CIPHER_SERVER_PREFERENCE
+        | SSL.OP_NO_RENEGOTIATION
+        | SSL.OP_NO_TICKET
+    )
+    context.set_cipher_list(CIPHERS)
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+
+    if identity.chain:
+        _present(context, identity)
+
+    if policy is None:
+        context.set_verify(SSL.VERIFY_NONE)
+        return context
+
+    store = context.get_cert_store()
+    for cas in identity.bundles.values():
+        for ca in cas:
+            store.add_cert(crypto.X509.from_cryptography(ca))
+
+    mode = SSL.VERIFY_PEER
+    if server:
+        mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+    context.set_verify(mode, policy.verify)
+    context.set_verify_depth(MAX_CHAIN_DEPTH)
+    return context
+
+
+def _present(context: SSL.Context, identity: Identity) -> None:
+    leaf, *intermediates = identity.chain
+    context.use_certificate(crypto.X509.from_cryptography(leaf))
+    for certificate in intermediates:
+        context.add_extra_chain_cert(crypto.X509.from_cryptography(certificate))
+    context.use_privatekey(crypto.PKey.from_cryptography_key(identity.key))
+    context.check_privatekey()
+
+
+@implementer(IOpenSSLServerConnectionCreator, IOpenSSLClientConnectionCreator)
+class ContextHolder:
+    """
+    The current context, swapped whole on each identity update; each new
+    connection is created from whatever context is current at that moment.
+    """
+
+    def __init__(self, build: Callable[[Identity], SSL.Context]) -> None:
+        self._build = build
+        self.context: SSL.Context | None = None
+        self.identity: Identity | None = None
+
+    def update(self, identity: Identity) -> None:
+        """
+        Build a context for C{identity} and make it current.
+
+        A context that cannot be built leaves the previous one in service.
+        """
+        context = self._build(identity)
+        self.context = context
+        self.identity = identity
+
+    def _connection(self) -> SSL.Connection:
+        connection = SSL.Connection(self.context, None)
+        connection.set_app_data(HandshakeState())
+        return connection
+
+    def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        return self._connection()
+
+    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        connection = self._connection()
+        connection.set_connect_state()
+        return connection
+
+
+def handshake_state(transport) -> HandshakeState | None:
+    """
+    The verification outcome hung on a TLS transport's connection, if any.
+    """
+    handle = getattr(transport, "getHandle", None)
+    if handle is None:
+        return None
+    try:
+        return handle().get_app_data()
+    except Exception:
+        return None
