@@ -1,0 +1,394 @@
+"""
+Authentication of X509-SVIDs: which SPIFFE ID a TLS peer proved it holds.
+
+The rules are those of the SPIFFE X509-SVID specification. The leaf carries
+exactly one URI SAN, a SPIFFE ID with a path; it is not a CA; its key usage
+allows digital signatures and forbids signing certificates or CRLs. Every
+other certificate in the path is a CA allowed to sign certificates. The
+chain must verify against the CAs of the leaf's I{own} trust domain: a CA
+trusted for another (federated) trust domain never vouches for this one.
+
+OpenSSL builds the path and checks signatures and validity periods, with a
+store that holds one trust domain's CAs only; the SPIFFE rules are checked
+here in Python, before OpenSSL runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import types
+from collections.abc import Mapping, Sequence
+
+import attrs
+from cryptography import x509
+from OpenSSL import crypto
+from spiffe import SpiffeId
+
+from ghosttwist.spiffeid import InvalidSpiffeId, parse_spiffe_id
+
+MAX_INTERMEDIATES = 8
+"""
+The most certificates accepted between the leaf and the trust anchor.
+"""
+
+REASONS = (
+    "no-certificate",
+    "malformed-certificate",
+    "chain-too-long",
+    "no-spiffe-id",
+    "multiple-uri-sans",
+    "invalid-spiffe-id",
+    "leaf-is-ca",
+    "key-usage",
+    "intermediate-not-ca",
+    "unknown-trust-domain",
+    "untrusted-chain",
+    "expired",
+    "not-yet-valid",
+)
+"""
+Every reason an L{SvidError} may carry: short, stable tokens for logs and
+metrics labels.
+"""
+
+# OpenSSL verification results (X509_V_ERR_*); their values are part of
+# OpenSSL's stable ABI.
+_X509_V_ERR_CERT_NOT_YET_VALID = 9
+_X509_V_ERR_CERT_HAS_EXPIRED = 10
+_X509_V_ERR_INVALID_CA = 24
+_X509_V_ERR_KEYUSAGE_NO_CERTSIGN = 32
+
+_OPENSSL_REASONS = {
+    _X509_V_ERR_CERT_NOT_YET_VALID: "not-yet-valid",
+    _X509_V_ERR_CERT_HAS_EXPIRED: "expired",
+    _X509_V_ERR_INVALID_CA: "intermediate-not-ca",
+    _X509_V_ERR_KEYUSAGE_NO_CERTSIGN: "intermediate-not-ca",
+}
+
+
+class SvidError(Exception):
+    """
+    A peer's certificate chain is not a valid X509-SVID for any trust domain
+    we trust.
+
+    @ivar reason: one of L{REASONS}, for logs and metrics.
+    @ivar detail: what exactly was wrong, in words, on one line.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        if reason not in REASONS:
+            raise ValueError(f"unknown SVID error reason {reason!r}")
+
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = _one_line(detail)
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
+
+
+def _one_line(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def spiffe_id_of(cert: x509.Certificate) -> SpiffeId | None:
+    """
+    The SPIFFE ID in C{cert}'s URI SAN, or L{None} if it has no single valid
+    one. For log lines only: this checks nothing about trust.
+    """
+    try:
+        return _leaf_spiffe_id(cert)
+    except SvidError:
+        return None
+
+
+def _describe(cert: x509.Certificate) -> str:
+    try:
+        return repr(cert.subject.rfc4514_string())
+    except ValueError:
+        return f"serial {cert.serial_number:x}"
+
+
+def _extension(cert: x509.Certificate, kind: type) -> object | None:
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+    except ValueError as e:
+        raise SvidError(
+            "malformed-certificate",
+            f"certificate {_describe(cert)} has unreadable extensions: {e}",
+        ) from None
+
+
+def _leaf_spiffe_id(leaf: x509.Certificate) -> SpiffeId:
+    san = _extension(leaf, x509.SubjectAlternativeName)
+    uris = []
+    if isinstance(san, x509.SubjectAlternativeName):
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+
+    if not uris:
+        raise SvidError("no-spiffe-id", "the leaf certificate has no URI SAN")
+
+    if len(uris) > 1:
+        raise SvidError(
+            "multiple-uri-sans",
+            f"the leaf certificate has {len(uris)} URI SANs; an SVID has one",
+        )
+
+    (uri,) = uris
+    if not uri[:7].lower() == "spiffe:":
+        raise SvidError("no-spiffe-id", f"the leaf's URI SAN {uri!r} is not spiffe://")
+
+    if not (uri.isascii() and uri.isprintable()):
+        raise SvidError(
+            "invalid-spiffe-id", f"the leaf's URI SAN {uri!r} has control characters"
+        )
+
+    try:
+        spiffe_id = parse_spiffe_id(uri)
+    except InvalidSpiffeId as e:
+        raise SvidError("invalid-spiffe-id", str(e)) from None
+
+    if not spiffe_id.path:
+        raise SvidError(
+            "invalid-spiffe-id",
+            f"{uri!r} names a trust domain, not a workload: a leaf SVID's "
+            "SPIFFE ID must have a path",
+        )
+
+    return spiffe_id
+
+
+def _check_leaf(leaf: x509.Certificate) -> None:
+    constraints = _extension(leaf, x509.BasicConstraints)
+    if isinstance(constraints, x509.BasicConstraints) and constraints.ca:
+        raise SvidError("leaf-is-ca", "the leaf certificate is a CA certificate")
+
+    usage = _extension(leaf, x509.KeyUsage)
+    if not isinstance(usage, x509.KeyUsage):
+        raise SvidError("key-usage", "the leaf certificate has no keyUsage")
+
+    if not usage.digital_signature:
+        raise SvidError("key-usage", "the leaf's keyUsage lacks digitalSignature")
+
+    if usage.key_cert_sign or usage.crl_sign:
+        raise SvidError(
+            "key-usage", "the leaf's keyUsage allows keyCertSign or cRLSign"
+        )
+
+
+def _check_signing_certificate(cert: x509.Certificate) -> None:
+    constraints = _extension(cert, x509.BasicConstraints)
+    if not (isinstance(constraints, x509.BasicConstraints) and constraints.ca):
+        raise SvidError(
+            "intermediate-not-ca",
+            f"intermediate {_describe(cert)} is not a CA certificate",
+        )
+
+    usage = _extension(cert, x509.KeyUsage)
+    if not (isinstance(usage, x509.KeyUsage) and usage.key_cert_sign):
+        raise SvidError(
+            "intermediate-not-ca",
+            f"intermediate {_describe(cert)} may not sign certificates "
+            "(no keyCertSign)",
+        )
+
+
+def _to_openssl(cert: x509.Certificate) -> crypto.X509:
+    return crypto.X509.from_cryptography(cert)
+
+
+def _new_store(
+    anchors: Sequence[crypto.X509], now: datetime.datetime | None
+) -> crypto.X509Store:
+    store = crypto.X509Store()
+    for anchor in anchors:
+        store.add_cert(anchor)
+
+    if now is not None:
+        # set_time replaces the store's parameters, so it comes before the
+        # flags. It reads the time tuple as UTC: convert first.
+        if now.tzinfo is not None:
+            now = now.astimezone(datetime.timezone.utc)
+        store.set_time(now)
+
+    # A bundle lists CAs to trust, roots or not: each is an anchor.
+    store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
+    return store
+
+
+def _freeze_bundles(
+    bundles: Mapping[str, Sequence[x509.Certificate]],
+) -> Mapping[str, tuple[x509.Certificate, ...]]:
+    frozen = {}
+    for name, certs in bundles.items():
+        name = str(name)
+        try:
+            spiffe_id = parse_spiffe_id(f"spiffe://{name}")
+        except InvalidSpiffeId:
+            spiffe_id = None
+        if spiffe_id is None or spiffe_id.path or "\n" in name:
+            raise ValueError(f"bundle key {name!r} is not a trust domain name")
+
+        certs = tuple(certs)
+        for cert in certs:
+            if not isinstance(cert, x509.Certificate):
+                raise TypeError(f"bundle for {name!r} holds {cert!r}, not a certificate")
+        frozen[name] = certs
+
+    return types.MappingProxyType(frozen)
+
+
+@attrs.frozen(repr=False)
+class BundleVerifier:
+    """
+    Authenticates X509-SVID chains against one snapshot of the trust bundles.
+
+    Build one per bundle update and share it: it holds a ready OpenSSL store
+    per trust domain, and nothing in it changes after construction.
+
+    @ivar bundles: trust domain name (C{"example.org"}) to its CAs.
+    """
+
+    bundles: Mapping[str, tuple[x509.Certificate, ...]] = attrs.field(
+        converter=_freeze_bundles
+    )
+    _anchors: Mapping[str, tuple[crypto.X509, ...]] = attrs.field(
+        init=False, eq=False
+    )
+    _stores: Mapping[str, crypto.X509Store] = attrs.field(init=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        anchors = {
+            name: tuple(_to_openssl(c) for c in certs)
+            for name, certs in self.bundles.items()
+        }
+        stores = {name: _new_store(certs, None) for name, certs in anchors.items()}
+        object.__setattr__(self, "_anchors", types.MappingProxyType(anchors))
+        object.__setattr__(self, "_stores", types.MappingProxyType(stores))
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{n}: {len(c)} CAs" for n, c in sorted(self.bundles.items()))
+        return f"<BundleVerifier {{{sizes}}}>"
+
+    def authenticate(
+        self,
+        chain: Sequence[x509.Certificate],
+        now: datetime.datetime | None = None,
+    ) -> SpiffeId:
+        """
+        Check that C{chain} is a valid X509-SVID, and say whose.
+
+        @param chain: the peer's certificates, leaf first, then whatever
+            intermediates (and perhaps a root) it sent.
+        @param now: the instant to check validity at; the current time if
+            L{None}. A naive datetime is taken as UTC.
+
+        @return: the leaf's SPIFFE ID.
+        @raise SvidError: saying why the chain is refused.
+        """
+        if not chain:
+            raise SvidError("no-certificate", "the peer sent no certificate")
+
+        if len(chain) - 1 > MAX_INTERMEDIATES:
+            raise SvidError(
+                "chain-too-long",
+                f"the peer sent {len(chain) - 1} intermediates; at most "
+                f"{MAX_INTERMEDIATES} are accepted",
+            )
+
+        leaf, intermediates = chain[0], chain[1:]
+        spiffe_id = _leaf_spiffe_id(leaf)
+        _check_leaf(leaf)
+        for cert in intermediates:
+            _check_signing_certificate(cert)
+
+        trust_domain = str(spiffe_id.trust_domain)
+        if trust_domain not in self._stores:
+            raise SvidError(
+                "unknown-trust-domain",
+                f"{spiffe_id} is in trust domain {trust_domain!r}, "
+                "for which we have no bundle",
+            )
+
+        self._verify_path(spiffe_id, trust_domain, leaf, intermediates, now)
+        return spiffe_id
+
+    def _verify_path(
+        self,
+        spiffe_id: SpiffeId,
+        trust_domain: str,
+        leaf: x509.Certificate,
+        intermediates: Sequence[x509.Certificate],
+        now: datetime.datetime | None,
+    ) -> None:
+        if now is None:
+            store = self._stores[trust_domain]
+        else:
+            store = _new_store(self._anchors[trust_domain], now)
+
+        context = crypto.X509StoreContext(
+            store,
+            _to_openssl(leaf),
+            chain=[_to_openssl(c) for c in intermediates] or None,
+        )
+        try:
+            path = context.get_verified_chain()
+        except crypto.X509StoreContextError as e:
+            code, depth, message = e.errors
+            reason = _OPENSSL_REASONS.get(code, "untrusted-chain")
+            subject = _describe(e.certificate.to_cryptography())
+            raise SvidError(
+                reason,
+                f"{spiffe_id} does not verify against the {trust_domain!r} "
+                f"bundle: {message} (certificate {subject}, depth {depth})",
+            ) from None
+        except crypto.Error as e:
+            raise SvidError(
+                "untrusted-chain", f"{spiffe_id}: OpenSSL could not verify: {e}"
+            ) from None
+
+        if len(path) < 2:
+            raise SvidError(
+                "untrusted-chain",
+                f"{spiffe_id}: the leaf is itself in the bundle; a leaf SVID "
+                "must be issued by a CA",
+            )
+
+        if len(path) - 2 > MAX_INTERMEDIATES:
+            raise SvidError(
+                "chain-too-long",
+                f"{spiffe_id} verifies only through {len(path) - 2} "
+                f"intermediates; at most {MAX_INTERMEDIATES} are accepted",
+            )
+
+        for cert in path[1:-1]:
+            _check_signing_certificate(cert.to_cryptography())
+
+
+def authenticate(
+    chain: Sequence[x509.Certificate],
+    bundles: Mapping[str, Sequence[x509.Certificate]],
+    now: datetime.datetime | None = None,
+) -> SpiffeId:
+    """
+    Check that C{chain} is a valid X509-SVID under C{bundles}, and say whose.
+
+    A convenience over L{BundleVerifier}; verifiers for recently seen bundles
+    are cached, so repeated calls with the same bundles are cheap. Code that
+    gets bundle updates should build a L{BundleVerifier} per update instead.
+
+    @raise SvidError: saying why the chain is refused.
+    """
+    items = ((str(name), tuple(certs)) for name, certs in bundles.items())
+    key = tuple(sorted(items, key=lambda item: item[0]))
+    return _cached_verifier(key).authenticate(chain, now)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_verifier(
+    key: tuple[tuple[str, tuple[x509.Certificate, ...]], ...],
+) -> BundleVerifier:
+    return BundleVerifier(dict(key))
