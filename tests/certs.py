@@ -11,7 +11,6 @@ Does not support: CRLs, name constraints, or certificate policies.
 from __future__ import annotations
 
 import datetime
-import functools
 from collections.abc import Sequence
 
 import attrs
@@ -30,15 +29,6 @@ The instant most tests authenticate at; certificates are valid around it.
 _DAY = datetime.timedelta(days=1)
 
 
-@functools.cache
-def _rsa_key(index: int) -> rsa.RSAPrivateKey:
-    # RSA generation is slow; tests never need more than a handful of keys.
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-_rsa_counter = iter(range(1_000_000))
-
-
 def new_key(key_type: str = "ec") -> PrivateKey:
     """
     A fresh private key: C{"ec"} (P-256), C{"rsa"} (2048) or C{"ed25519"}.
@@ -47,7 +37,7 @@ def new_key(key_type: str = "ec") -> PrivateKey:
         return ec.generate_private_key(ec.SECP256R1())
 
     if key_type == "rsa":
-        return _rsa_key(next(_rsa_counter) % 4)
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
     if key_type == "ed25519":
         return ed25519.Ed25519PrivateKey.generate()

@@ -45,12 +45,13 @@ MATCHES = [
 
 
 @pytest.mark.parametrize(
-    "pattern, spiffe_id, expected",
+    "text, spiffe_id, expected",
     MATCHES,
     ids=[f"{p} {'~' if e else '!~'} {i}" for p, i, e in MATCHES],
 )
-def test_matches(pattern: str, spiffe_id: str, expected: bool) -> None:
-    assert SpiffeIdPattern.parse(pattern).matches(parse_spiffe_id(spiffe_id)) is expected
+def test_matches(text: str, spiffe_id: str, expected: bool) -> None:
+    pattern = SpiffeIdPattern.parse(text)
+    assert pattern.matches(parse_spiffe_id(spiffe_id)) is expected
 
 
 BAD_PATTERNS = [

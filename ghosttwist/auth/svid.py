@@ -9,8 +9,9 @@ chain must verify against the CAs of the leaf's I{own} trust domain: a CA
 trusted for another (federated) trust domain never vouches for this one.
 
 OpenSSL builds the path and checks signatures and validity periods, with a
-store that holds one trust domain's CAs only; the SPIFFE rules are checked
-here in Python, before OpenSSL runs.
+store that holds one trust domain's CAs only. The SPIFFE rules are checked
+here in Python: on what the peer sent before OpenSSL runs, and on the path
+OpenSSL built after.
 """
 
 from __future__ import annotations
@@ -219,29 +220,35 @@ def _new_store(
     return store
 
 
+def _is_trust_domain_name(name: str) -> bool:
+    if not (name.isascii() and name.isprintable()):
+        return False
+
+    try:
+        return not parse_spiffe_id(f"spiffe://{name}").path
+    except InvalidSpiffeId:
+        return False
+
+
 def _freeze_bundles(
     bundles: Mapping[str, Sequence[x509.Certificate]],
 ) -> Mapping[str, tuple[x509.Certificate, ...]]:
     frozen = {}
     for name, certs in bundles.items():
         name = str(name)
-        try:
-            spiffe_id = parse_spiffe_id(f"spiffe://{name}")
-        except InvalidSpiffeId:
-            spiffe_id = None
-        if spiffe_id is None or spiffe_id.path or "\n" in name:
+        if not _is_trust_domain_name(name):
             raise ValueError(f"bundle key {name!r} is not a trust domain name")
 
         certs = tuple(certs)
         for cert in certs:
             if not isinstance(cert, x509.Certificate):
-                raise TypeError(f"bundle for {name!r} holds {cert!r}, not a certificate")
+                raise TypeError(f"bundle {name!r} holds {cert!r}, not a certificate")
         frozen[name] = certs
 
     return types.MappingProxyType(frozen)
 
 
-@attrs.frozen(repr=False)
+@attrs.frozen(repr=False, eq=False)
 class BundleVerifier:
     """
     Authenticates X509-SVID chains against one snapshot of the trust bundles.
@@ -255,10 +262,8 @@ class BundleVerifier:
     bundles: Mapping[str, tuple[x509.Certificate, ...]] = attrs.field(
         converter=_freeze_bundles
     )
-    _anchors: Mapping[str, tuple[crypto.X509, ...]] = attrs.field(
-        init=False, eq=False
-    )
-    _stores: Mapping[str, crypto.X509Store] = attrs.field(init=False, eq=False)
+    _anchors: Mapping[str, tuple[crypto.X509, ...]] = attrs.field(init=False)
+    _stores: Mapping[str, crypto.X509Store] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         anchors = {
