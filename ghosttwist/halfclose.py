@@ -30,6 +30,11 @@ class HalfCloseTLSProtocol(BufferingTLSTransport):
     _receivedCloseNotify = False
     _sentCloseNotify = False
 
+    # The peer verification outcome (a tls.HandshakeState), set when the
+    # connection is created. A class attribute so that ProtocolWrapper's
+    # attribute forwarding never reaches the TCP transport for it.
+    handshake = None
+
     def loseWriteConnection(self) -> None:
         """
         Send close_notify and keep reading until the peer sends its own.

@@ -63,6 +63,8 @@ class _Side(Protocol):
 
 
 class _DialFactory(Factory):
+    noisy = False
+
     def __init__(self, side: _Side) -> None:
         self.side = side
 
@@ -355,13 +357,15 @@ class Splice:
     def _log_open(self) -> None:
         peer_id, decision = self._peer()
         role = "client" if self.config.mode == "server" else "server"
+        if not decision.startswith("allowed"):
+            decision = f"allowed ({decision or 'no authentication'})"
         log.info(
-            "connection from {remote}: {role} {peer_id} allowed ({decision}), "
+            "connection from {remote}: {role} {peer_id} {decision}, "
             "forwarding to {target}",
             remote=self.remote,
             role=role,
             peer_id=peer_id,
-            decision=decision or "no authentication",
+            decision=decision,
             target=str(self.config.target),
         )
 

@@ -65,7 +65,8 @@ _OPENSSL_REASONS = {
 class HandshakeState:
     """
     What verification learned about the peer of one connection; hung on the
-    pyOpenSSL connection as its app data so the proxy can log it.
+    TLS transport (Twisted makes that the pyOpenSSL connection's app data) so
+    the verify callback can fill it in and the proxy can log it.
     """
 
     chain: dict[int, crypto.X509] = attrs.field(factory=dict)
@@ -91,7 +92,7 @@ class PeerPolicy:
         every bundle at once, then the SPIFFE rules and the peer's own trust
         domain are checked here, at depth 0, before the handshake ends.
         """
-        state: HandshakeState = connection.get_app_data()
+        state: HandshakeState = connection.get_app_data().handshake
 
         if not ok:
             reason = _OPENSSL_REASONS.get(errno, "untrusted-chain")
@@ -198,28 +199,17 @@ class ContextHolder:
         self.context = context
         self.identity = identity
 
-    def _connection(self) -> SSL.Connection:
-        connection = SSL.Connection(self.context, None)
-        connection.set_app_data(HandshakeState())
-        return connection
-
     def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
-        return self._connection()
+        tlsProtocol.handshake = HandshakeState()
+        return SSL.Connection(self.context, None)
 
     def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
-        connection = self._connection()
-        connection.set_connect_state()
-        return connection
+        tlsProtocol.handshake = HandshakeState()
+        return SSL.Connection(self.context, None)
 
 
 def handshake_state(transport) -> HandshakeState | None:
     """
     The verification outcome hung on a TLS transport's connection, if any.
     """
-    handle = getattr(transport, "getHandle", None)
-    if handle is None:
-        return None
-    try:
-        return handle().get_app_data()
-    except Exception:
-        return None
+    return getattr(transport, "handshake", None)
