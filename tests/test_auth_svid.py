@@ -142,12 +142,14 @@ def _missing_intermediate(w: World):
     return [certs.leaf(middle).cert], w.bundles
 
 
-def _long_chain(count: int) -> Case:
+def _long_chain(count: int, with_root: bool = False) -> Case:
     def make(w: World):
         issuers = [w.domain]
         for i in range(count):
             issuers.append(certs.intermediate_ca(issuers[-1], f"Intermediate {i}"))
         middles = [c.cert for c in reversed(issuers[1:])]
+        if with_root:
+            middles.append(w.domain.cert)
         return [certs.leaf(issuers[-1]).cert, *middles], w.bundles
 
     return make
@@ -187,6 +189,10 @@ VALID: list = [
     pytest.param(_through_intermediate_and_root, id="peer-also-sends-root"),
     pytest.param(_intermediate_in_bundle, id="intermediate-as-anchor"),
     pytest.param(_long_chain(MAX_INTERMEDIATES), id="longest-allowed-chain"),
+    pytest.param(
+        _long_chain(MAX_INTERMEDIATES, with_root=True),
+        id="longest-allowed-chain-and-root",
+    ),
 ]
 
 
@@ -335,7 +341,12 @@ INVALID: list = [
         _missing_intermediate, "untrusted-chain", id="missing-intermediate"
     ),
     pytest.param(
-        _long_chain(MAX_INTERMEDIATES + 1), "chain-too-long", id="chain-too-long"
+        _long_chain(MAX_INTERMEDIATES + 1), "chain-too-long", id="path-too-long"
+    ),
+    pytest.param(
+        _long_chain(MAX_INTERMEDIATES + 1, with_root=True),
+        "chain-too-long",
+        id="peer-sent-too-many",
     ),
     pytest.param(_forged, "untrusted-chain", id="forged-signature"),
     pytest.param(_self_signed_leaf, "untrusted-chain", id="self-signed-leaf"),

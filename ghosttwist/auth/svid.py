@@ -297,11 +297,14 @@ class BundleVerifier:
         if not chain:
             raise SvidError("no-certificate", "the peer sent no certificate")
 
-        if len(chain) - 1 > MAX_INTERMEDIATES:
+        # Room for the intermediates and the root a peer may add; the path
+        # OpenSSL builds is held to MAX_INTERMEDIATES exactly, below.
+        if len(chain) - 1 > MAX_INTERMEDIATES + 1:
             raise SvidError(
                 "chain-too-long",
-                f"the peer sent {len(chain) - 1} intermediates; at most "
-                f"{MAX_INTERMEDIATES} are accepted",
+                f"the peer sent {len(chain) - 1} certificates after the leaf; "
+                f"at most {MAX_INTERMEDIATES} intermediates and a root are "
+                "accepted",
             )
 
         leaf, intermediates = chain[0], chain[1:]
