@@ -236,8 +236,8 @@ def load_ca(
     """
     try:
         certificates = x509.load_pem_x509_certificates(certificate_pem)
-    except ValueError as error:
-        raise CAError(f"no PEM certificate could be read ({error})") from None
+    except ValueError:
+        raise CAError("no PEM certificate could be read") from None
     if len(certificates) != 1:
         raise CAError(
             f"expected exactly one CA certificate, found {len(certificates)}"
@@ -246,8 +246,10 @@ def load_ca(
 
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError) as error:
-        raise CAError(f"the key could not be read: {error}") from None
+    except TypeError:
+        raise CAError("the key is encrypted; give an unencrypted key") from None
+    except ValueError:
+        raise CAError("no PEM private key could be read") from None
     if not isinstance(key, SigningKey.__args__):
         raise CAError("the key must be an ECDSA, RSA or Ed25519/Ed448 key")
 
@@ -274,8 +276,8 @@ def load_bundle(pem: bytes) -> tuple[x509.Certificate, ...]:
     """
     try:
         certificates = x509.load_pem_x509_certificates(pem)
-    except ValueError as error:
-        raise CAError(f"no PEM certificate could be read ({error})") from None
+    except ValueError:
+        raise CAError("no PEM certificate could be read") from None
 
     for certificate in certificates:
         _check_is_ca(certificate)
