@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from cryptography.x509.verification import PolicyBuilder, Store
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
@@ -30,7 +30,7 @@ from ghosttwist.devagent.ca import (
 )
 from ghosttwist.devagent.state import Snapshot, SnapshotBoard
 
-NOW = datetime.datetime(2026, 6, 1, 12, 0, 0, tzinfo=datetime.timezone.utc)
+NOW = datetime.datetime(2026, 6, 1, 12, 0, 0, tzinfo=datetime.UTC)
 HOUR = datetime.timedelta(hours=1)
 TD = "example.org"
 
@@ -163,7 +163,7 @@ class TestMintSvid:
             .time(NOW)
             .build_client_verifier()
         )
-        with pytest.raises(Exception):
+        with pytest.raises(VerificationError):
             verifier.verify(svid.leaf, [])
 
     def test_ttl_clipped_to_ca(self):
@@ -179,8 +179,9 @@ class TestMintSvid:
 
     @settings(max_examples=25, deadline=None)
     @given(
-        st.lists(st.from_regex(r"\A[A-Za-z0-9._-]{1,12}\Z"), min_size=1, max_size=4)
-        .filter(lambda segments: not {".", ".."} & set(segments))
+        st.lists(
+            st.from_regex(r"\A[A-Za-z0-9._-]{1,12}\Z"), min_size=1, max_size=4
+        ).filter(lambda segments: not {".", ".."} & set(segments))
     )
     def test_any_path_survives(self, ca, segments):
         spiffe_id = f"spiffe://{TD}/" + "/".join(segments)
@@ -206,9 +207,7 @@ class TestLoadCA:
 
     def test_expired(self, ca):
         with pytest.raises(CAError, match="expired"):
-            load_ca(
-                _pem(ca.certificate), _key_pem(ca.private_key), NOW + 48 * HOUR
-            )
+            load_ca(_pem(ca.certificate), _key_pem(ca.private_key), NOW + 48 * HOUR)
 
     def test_not_pem(self):
         with pytest.raises(CAError):
@@ -268,7 +267,10 @@ class TestDevAgentSchedule:
         board = SnapshotBoard()
         config = AgentConfig(
             trust_domain=TD,
-            workloads={"/run/a.sock": f"spiffe://{TD}/a", "/run/b.sock": f"spiffe://{TD}/b"},
+            workloads={
+                "/run/a.sock": f"spiffe://{TD}/a",
+                "/run/b.sock": f"spiffe://{TD}/b",
+            },
             svid_ttl=self.svid_ttl,
             ca_ttl=self.ca_ttl,
             federated=federated or {},
@@ -279,14 +281,14 @@ class TestDevAgentSchedule:
         return agent, board, clock
 
     def test_start_publishes_every_workload(self):
-        agent, board, clock = self.make_agent()
+        agent, board, _clock = self.make_agent()
         snapshot = board.current()
         assert set(snapshot.svids) == {"/run/a.sock", "/run/b.sock"}
         assert snapshot.svids["/run/a.sock"].spiffe_id == f"spiffe://{TD}/a"
         assert _bundle_certificates(snapshot) == [agent.active_ca.certificate]
 
     def test_reissue_at_half_ttl(self):
-        agent, board, clock = self.make_agent()
+        _agent, board, clock = self.make_agent()
         first = board.current().svids["/run/a.sock"].serial
 
         clock.advance(self.svid_ttl / 2 - 1)
@@ -296,7 +298,7 @@ class TestDevAgentSchedule:
         assert board.current().svids["/run/a.sock"].serial != first
 
     def test_reissue_all(self):
-        agent, board, clock = self.make_agent()
+        agent, board, _clock = self.make_agent()
         before = board.current()
         agent.reissue_all()
         after = board.current()
@@ -335,7 +337,7 @@ class TestDevAgentSchedule:
         assert _bundle_certificates(board.current()) == [agent.active_ca.certificate]
 
     def test_rotation_at_half_ca_ttl(self):
-        agent, board, clock = self.make_agent()
+        agent, _board, clock = self.make_agent()
         first = agent.active_ca
 
         for _ in range(int(self.ca_ttl / 2 / 60)):
@@ -353,14 +355,12 @@ class TestDevAgentSchedule:
             for path in ("/run/a.sock", "/run/b.sock"):
                 leaf = _leaf(board.current(), path)
                 issuer = next(
-                    ca
-                    for ca in agent.bundle
-                    if ca.certificate.subject == leaf.issuer
+                    ca for ca in agent.bundle if ca.certificate.subject == leaf.issuer
                 )
                 assert leaf.not_valid_after_utc <= issuer.not_after
 
     def test_repeated_rotation_request_ignored_while_pending(self):
-        agent, board, clock = self.make_agent()
+        agent, _board, _clock = self.make_agent()
         agent.rotate_ca()
         agent.rotate_ca()
         assert len(agent.bundle) == 2
@@ -368,7 +368,7 @@ class TestDevAgentSchedule:
     def test_given_ca_never_rotates(self):
         given = mint_ca(TD, 3 * HOUR, NOW)
         given = CertificateAuthority(given.certificate, given.private_key, False)
-        agent, board, clock = self.make_agent(ca=given)
+        agent, _board, clock = self.make_agent(ca=given)
 
         agent.rotate_ca()
         for _ in range(int(self.ca_ttl / 60)):
@@ -376,7 +376,7 @@ class TestDevAgentSchedule:
         assert agent.bundle == (given,)
 
     def test_federated_bundles_published(self, ca):
-        agent, board, clock = self.make_agent(
+        _agent, board, _clock = self.make_agent(
             federated={"other.org": (ca.certificate,)}
         )
         snapshot = board.current()
@@ -386,7 +386,7 @@ class TestDevAgentSchedule:
         }
 
     def test_stop_cancels_every_timer(self):
-        agent, board, clock = self.make_agent()
+        agent, _board, clock = self.make_agent()
         agent.rotate_ca()
         clock.advance(agent.activation_delay)
         assert clock.getDelayedCalls()

@@ -19,7 +19,7 @@ by a CA it does not trust yet:
 from __future__ import annotations
 
 import datetime
-from typing import Mapping
+from collections.abc import Mapping
 
 import attrs
 from cryptography import x509
@@ -53,9 +53,7 @@ class AgentConfig:
     workloads: Mapping[str, str]
     svid_ttl: float = 3600.0
     ca_ttl: float = 86400.0
-    federated: Mapping[str, tuple[x509.Certificate, ...]] = attrs.field(
-        factory=dict
-    )
+    federated: Mapping[str, tuple[x509.Certificate, ...]] = attrs.field(factory=dict)
     ca: CertificateAuthority | None = None
 
 
@@ -196,8 +194,7 @@ class DevAgent:
         if last is not None:
             delay = max(0.0, (last - self._now()).total_seconds())
         self._log_ca(
-            "retired CA; it leaves the bundle in {delay}s, when its last SVID "
-            "expires",
+            "retired CA; it leaves the bundle in {delay}s, when its last SVID expires",
             ca,
             delay=delay,
         )
@@ -235,9 +232,7 @@ class DevAgent:
             )
             return
 
-        svid = mint_svid(
-            ca, self.config.workloads[path], self._svid_ttl(), now
-        )
+        svid = mint_svid(ca, self.config.workloads[path], self._svid_ttl(), now)
         self._svids[path] = svid
         previous = self._last_signed.get(ca.serial)
         if previous is None or svid.not_after > previous:
@@ -290,9 +285,7 @@ class DevAgent:
         )
 
     def _now(self) -> datetime.datetime:
-        return datetime.datetime.fromtimestamp(
-            self._clock.seconds(), tz=datetime.timezone.utc
-        )
+        return datetime.datetime.fromtimestamp(self._clock.seconds(), tz=datetime.UTC)
 
     def _svid_ttl(self) -> datetime.timedelta:
         return datetime.timedelta(seconds=self.config.svid_ttl)

@@ -11,7 +11,6 @@ but certificates and CRLs.
 from __future__ import annotations
 
 import datetime
-from typing import Union
 
 import attrs
 from cryptography import x509
@@ -19,12 +18,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-SigningKey = Union[
+_SIGNING_KEY_TYPES = (
     ec.EllipticCurvePrivateKey,
     rsa.RSAPrivateKey,
     ed25519.Ed25519PrivateKey,
     ed448.Ed448PrivateKey,
-]
+)
+SigningKey = (
+    ec.EllipticCurvePrivateKey
+    | rsa.RSAPrivateKey
+    | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey
+)
 
 #: How far back a new certificate's not-before is set, so that a peer whose
 #: clock runs a little behind ours still accepts it.
@@ -239,9 +244,7 @@ def load_ca(
     except ValueError:
         raise CAError("no PEM certificate could be read") from None
     if len(certificates) != 1:
-        raise CAError(
-            f"expected exactly one CA certificate, found {len(certificates)}"
-        )
+        raise CAError(f"expected exactly one CA certificate, found {len(certificates)}")
     certificate = certificates[0]
 
     try:
@@ -250,7 +253,7 @@ def load_ca(
         raise CAError("the key is encrypted; give an unencrypted key") from None
     except ValueError:
         raise CAError("no PEM private key could be read") from None
-    if not isinstance(key, SigningKey.__args__):
+    if not isinstance(key, _SIGNING_KEY_TYPES):
         raise CAError("the key must be an ECDSA, RSA or Ed25519/Ed448 key")
 
     _check_is_ca(certificate)
@@ -337,9 +340,7 @@ def _authority_key_identifier(
     try:
         ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     except x509.ExtensionNotFound:
-        return x509.AuthorityKeyIdentifier.from_issuer_public_key(
-            issuer.public_key()
-        )
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key())
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
 
 

@@ -12,6 +12,7 @@ import datetime
 import os
 import socket
 import stat
+from typing import ClassVar
 
 from twisted.python import usage
 
@@ -31,11 +32,9 @@ class DevAgentOptions(usage.Options):
     After parsing, C{self.config} holds the checked L{AgentConfig}.
     """
 
-    synopsis = (
-        "--trust-domain TD --workload PATH=SPIFFE_ID [--workload ...] [options]"
-    )
+    synopsis = "--trust-domain TD --workload PATH=SPIFFE_ID [--workload ...] [options]"
 
-    optParameters = [
+    optParameters: ClassVar[list[list[str | None]]] = [
         ["trust-domain", None, None, "trust domain of the CA and every SVID"],
         ["svid-ttl", None, "1h", "lifetime of each X509-SVID"],
         ["ca-ttl", None, "24h", "lifetime of each generated CA"],
@@ -114,9 +113,7 @@ def _workloads(values: list[str], trust_domain: str) -> dict[str, str]:
     for value in values:
         path, equals, text = value.rpartition("=")
         if not equals or not path:
-            raise usage.UsageError(
-                f"--workload {value!r}: expected PATH=SPIFFE_ID"
-            )
+            raise usage.UsageError(f"--workload {value!r}: expected PATH=SPIFFE_ID")
 
         try:
             spiffe_id = parse_spiffe_id(text)
@@ -173,9 +170,7 @@ def _federations(values: list[str], trust_domain: str) -> dict:
             )
         domain = _trust_domain_of_flag("--federate-with", domain)
         if domain == trust_domain:
-            raise usage.UsageError(
-                f"--federate-with: {domain} is our own trust domain"
-            )
+            raise usage.UsageError(f"--federate-with: {domain} is our own trust domain")
         if domain in federated:
             raise usage.UsageError(f"--federate-with: {domain} is given twice")
 
@@ -201,7 +196,7 @@ def _given_ca(certificate_path: str | None, key_path: str | None):
     if certificate_path is None or key_path is None:
         raise usage.UsageError("--ca and --ca-key go together: give both or neither")
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     try:
         return load_ca(
             _read("--ca", certificate_path), _read("--ca-key", key_path), now
@@ -218,4 +213,3 @@ def _read(flag: str, path: str) -> bytes:
         raise usage.UsageError(
             f"{flag}: cannot read {path}: {error.strerror}"
         ) from None
-

@@ -107,9 +107,7 @@ class DevAgentService(Service):
         return handle
 
     def _on_signal(self, number: int, action) -> None:
-        self.log.info(
-            "received {signal_name}", signal_name=signal.Signals(number).name
-        )
+        self.log.info("received {signal_name}", signal_name=signal.Signals(number).name)
         action()
 
     def _restore_signal_handlers(self) -> None:

@@ -9,8 +9,8 @@ L{SnapshotBoard} for the next one. Nothing else crosses between the threads.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Callable, Mapping
 
 import attrs
 
@@ -44,9 +44,7 @@ class Snapshot:
     generation: int
     trust_domain: str
     svids: Mapping[str, WorkloadSvid] = attrs.field(converter=_frozen_mapping)
-    bundles: Mapping[str, bytes] = attrs.field(
-        converter=_frozen_mapping, repr=False
-    )
+    bundles: Mapping[str, bytes] = attrs.field(converter=_frozen_mapping, repr=False)
 
     @property
     def own_bundle(self) -> bytes:
