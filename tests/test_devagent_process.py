@@ -300,6 +300,58 @@ def test_bundles_stream_follows_rotation(start_agent, open_stream):
     assert len(parse_certificates_der(second.bundles[TD])) == 2
 
 
+def test_svid_reissued_at_half_its_ttl(start_agent, open_stream):
+    agent = start_agent("--svid-ttl", "2s")
+    stream = open_stream(agent.sockets[0])
+    _, first = stream.next()
+
+    _, second = stream.next(deadline=10)
+    assert _leaf(second).serial_number != _leaf(first).serial_number
+
+
+def test_ca_rotates_on_its_own_and_old_ca_leaves(start_agent, open_stream):
+    agent = start_agent("--ca-ttl", "4s", "--svid-ttl", "2s")
+    stream = open_stream(agent.sockets[0], "FetchX509Bundles")
+    _, first = stream.next()
+    (old_ca,) = parse_certificates_der(first.bundles[TD])
+
+    sizes = []
+    end = time.monotonic() + DEADLINE
+    while time.monotonic() < end:
+        _, message = stream.next()
+        bundle = parse_certificates_der(message.bundles[TD])
+        sizes.append(len(bundle))
+        if len(bundle) == 1:
+            break
+    assert sizes[0] == 2, sizes
+    assert sizes[-1] == 1, sizes
+    assert bundle[0] != old_ca
+
+
+def test_closed_streams_free_their_threads(start_agent):
+    agent = start_agent()
+    for _ in range(80):
+        stream = Stream(agent.sockets[0])
+        stream.next()
+        stream.close()
+
+    client = WorkloadApiClient(socket_path="unix://" + agent.sockets[0])
+    try:
+        assert str(client.fetch_x509_svid(timeout=10).spiffe_id).endswith("/a")
+    finally:
+        client.close()
+
+
+def test_many_concurrent_streams_all_get_updates(start_agent, open_stream):
+    agent = start_agent()
+    streams = [open_stream(agent.sockets[0]) for _ in range(32)]
+    firsts = [_leaf(stream.next()[1]).serial_number for stream in streams]
+
+    agent.signal(signal.SIGUSR1)
+    for stream, first in zip(streams, firsts, strict=True):
+        assert _leaf(stream.next()[1]).serial_number != first
+
+
 def test_call_without_security_header_refused(start_agent):
     agent = start_agent()
     with grpc.insecure_channel(f"unix:{agent.sockets[0]}") as channel:
@@ -432,6 +484,15 @@ VALID = ["--workload", "/tmp/never-bound.sock=spiffe://example.org/a"]
         ),
         pytest.param(["--trust-domain", TD, *VALID, "--ca", "ca.pem"], id="no-ca-key"),
         pytest.param(["--trust-domain", TD, *VALID, "--svid-ttl", "5"], id="bad-ttl"),
+        pytest.param(
+            [
+                "--trust-domain",
+                TD,
+                "--workload",
+                "/dev/null/x.sock=spiffe://example.org/a",
+            ],
+            id="bad-socket-folder",
+        ),
         pytest.param(
             ["--trust-domain", TD, *VALID, "--federate-with", "other.org=missing.pem"],
             id="missing-bundle",

@@ -153,7 +153,8 @@ class DevAgent:
         Start a CA rotation now (SIGUSR2, or half the CA's lifetime).
         """
         if self.config.ca is not None:
-            self.log.warn("not rotating: the CA was given by --ca")
+            # twisted.logger spells it warn, not warning.
+            self.log.warn("not rotating: the CA was given by --ca")  # noqa: G010
             return
         if self._pending is not None:
             self.log.info("a CA rotation is already under way; not starting another")

@@ -139,6 +139,7 @@ def _check_socket_path(path: str) -> None:
             f"{_MAX_SOCKET_PATH} bytes; choose a shorter one"
         )
 
+    _check_parent_writable(path)
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -158,6 +159,20 @@ def _check_socket_path(path: str) -> None:
     raise usage.UsageError(
         f"--workload: {path} is in use by another server; stop it first"
     )
+
+
+def _check_parent_writable(path: str) -> None:
+    """
+    Refuse a socket path whose folder we could neither find nor create.
+    """
+    folder = os.path.dirname(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise usage.UsageError(
+            f"--workload: cannot create the socket {path}: "
+            f"{folder} is not a writable folder"
+        )
 
 
 def _federations(values: list[str], trust_domain: str) -> dict:
