@@ -103,6 +103,9 @@ class DevAgent:
         return tuple(self._bundle)
 
     def svid_for(self, socket_path: str) -> X509Svid:
+        """
+        The SVID currently served on C{socket_path}.
+        """
         return self._svids[socket_path]
 
     def start(self) -> None:
