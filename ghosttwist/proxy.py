@@ -26,7 +26,6 @@ from ghosttwist.tls import ContextHolder, handshake_state
 log = Logger()
 
 
-@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class _Side(Protocol):
     """
     One end of a splice; every event is passed to the splice.
@@ -60,6 +59,24 @@ class _Side(Protocol):
     def connectionLost(self, reason=None) -> None:
         self.lost = True
         self.splice.side_lost(self, reason)
+
+
+@implementer(IHalfCloseableProtocol)
+class _PlainSide(_Side):
+    """
+    The side that carries plain bytes.
+
+    It must not also declare L{IHandshakeListener}: Twisted's endpoint
+    wrapper copies one interface only, and half-close would be lost.
+    """
+
+
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
+class _TLSSide(_Side):
+    """
+    The side inside a TLS transport: told when the handshake (and so the
+    peer's verification) has completed.
+    """
 
 
 class _DialFactory(Factory):
@@ -103,6 +120,15 @@ class ConnectionTracker:
         return deferred
 
     def abort_all(self) -> None:
+        """
+        Cut every open connection: the drain deadline has passed.
+        """
+        count = len(self.open)
+        log.warn(
+            "shutdown timeout reached: cutting {count} open connection{s}",
+            count=count,
+            s="" if count == 1 else "s",
+        )
         for splice in list(self.open):
             splice.abort("shutdown timeout reached")
 
@@ -118,8 +144,10 @@ class Splice:
         self.config: TunnelConfig = tunnel.config
         self.reactor = tunnel.reactor
         server = self.config.mode == "server"
-        self.inbound = _Side(self, tls=server)
-        self.outbound = _Side(self, tls=not server)
+        if server:
+            self.inbound, self.outbound = _TLSSide(self, True), _PlainSide(self, False)
+        else:
+            self.inbound, self.outbound = _PlainSide(self, False), _TLSSide(self, True)
         self.spliced = False
         self.finished = False
         self.started = 0.0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import sys
 
 from twisted.application.service import Service
@@ -222,7 +223,28 @@ def make_tunnel_service_for_twistd(options) -> TunnelService:
 
     service = TunnelService(options.config, reactor)
     service.ready.addErrback(_exit_on_startup_failure, reactor)
+    reactor.callWhenRunning(_install_graceful_signals, reactor)
     return service
+
+
+def _install_graceful_signals(reactor) -> None:
+    """
+    Make SIGTERM and SIGINT a graceful stop that exits 0 once connections
+    have drained, as ghostunnel does; twistd's own handlers would end the
+    process by re-raising the signal after the drain.
+    """
+
+    def _handler(number, frame) -> None:
+        reactor.callFromThread(_stop_gracefully, reactor, signal.Signals(number).name)
+
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, _handler)
+
+
+def _stop_gracefully(reactor, name: str) -> None:
+    log.info("received {signal}: stopping gracefully", signal=name)
+    if reactor.running:
+        reactor.stop()
 
 
 def _exit_on_startup_failure(failure, reactor) -> None:

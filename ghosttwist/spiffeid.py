@@ -40,7 +40,7 @@ def parse_spiffe_id(text: str) -> SpiffeId:
     if not trust_domain:
         raise InvalidSpiffeId(f"{text!r} is not a SPIFFE ID: the trust domain is empty")
 
-    if not _TRUST_DOMAIN.match(trust_domain):
+    if not _TRUST_DOMAIN.fullmatch(trust_domain):
         raise InvalidSpiffeId(
             f"{text!r} is not a SPIFFE ID: the trust domain may hold only "
             "lower-case letters, digits, '.', '-' and '_'"
@@ -65,7 +65,7 @@ def _check_segment(text: str, segment: str) -> None:
             f"{text!r} is not a SPIFFE ID: the path has a '.' or '..' segment"
         )
 
-    if not _SEGMENT.match(segment):
+    if not _SEGMENT.fullmatch(segment):
         raise InvalidSpiffeId(
             f"{text!r} is not a SPIFFE ID: path segments may hold only letters, "
             "digits, '.', '-' and '_'"

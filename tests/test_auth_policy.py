@@ -197,11 +197,6 @@ def test_valid_ids_match_themselves(text: str) -> None:
     assert Authorizer(patterns=[pattern]).check(spiffe_id).allowed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="parse_spiffe_id's regexes end in '$', which also matches before a "
-    "final newline; svid.py and policy.py refuse such text themselves",
-)
 @pytest.mark.parametrize("text", ["spiffe://d.test/x\n", "spiffe://d.test\n"])
 def test_parse_spiffe_id_refuses_trailing_newline(text: str) -> None:
     with pytest.raises(InvalidSpiffeId):
