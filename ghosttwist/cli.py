@@ -39,7 +39,15 @@ class Options(usage.Options):
     C{twistd ghosttwist}: pick a mode.
     """
 
-    synopsis = "[twistd options] ghosttwist {server|client|dev-agent} [options]"
+    synopsis = "{server|client|dev-agent} [options]"
+
+    def getSynopsis(self) -> str:
+        """
+        Name the plugin once in a sub-command's usage line, not twice.
+        """
+        if self.subCommand:
+            return "Usage: twistd [twistd options] ghosttwist"
+        return super().getSynopsis()
 
     subCommands = [
         ("server", None, _server_options, "accept mutual TLS, forward plain bytes"),

@@ -86,9 +86,7 @@ class TunnelService(Service):
         super().startService()
 
         if self.source is None:
-            from ghosttwist.workload import WorkloadApiSource
-
-            self.source = WorkloadApiSource(self.config.workload_api, self.reactor)
+            self.source = self._workload_api_source()
 
         self.source.subscribe(self._identity_updated)
         if self.config.workload_api_timeout:
@@ -96,6 +94,20 @@ class TunnelService(Service):
                 self.config.workload_api_timeout, self._first_identity_timed_out
             )
         self.source.start()
+
+    def _workload_api_source(self) -> IIdentitySource:
+        """
+        A client that presents no certificate needs only trust bundles, so it
+        follows the bundle stream and need not wait for an X509-SVID.
+        """
+        if self.config.mode == "client" and self.config.disable_authentication:
+            from ghosttwist.workload_bundles import WorkloadApiBundleSource
+
+            return WorkloadApiBundleSource(self.config.workload_api, self.reactor)
+
+        from ghosttwist.workload import WorkloadApiSource
+
+        return WorkloadApiSource(self.config.workload_api, self.reactor)
 
     def _first_identity_timed_out(self) -> None:
         self._first_timer = None

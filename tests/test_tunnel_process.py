@@ -411,3 +411,136 @@ def test_bad_input_is_one_line_and_exit_2(arguments, message):
     assert len(lines) == 1, result.stderr
     assert message in lines[0]
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def _rss_kib(process) -> int:
+    with open(f"/proc/{process.process.pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_slow_reader_pauses_the_sender_and_memory_stays_bounded(agent, start_tunnel):
+    """
+    A backend that stops reading makes the sender stall: the tunnels pause
+    their reads instead of buffering what they cannot deliver.
+    """
+    release = threading.Event()
+
+    def never_read(connection):
+        release.wait(60)
+
+    backend = Backend(never_read)
+    server, client = _pair(agent, start_tunnel, backend)
+    before = {tunnel.name: _rss_kib(tunnel) for tunnel in (server, client)}
+
+    chunk = b"x" * 65536
+    sent = 0
+    limit = 512 * 1024 * 1024
+    with _connect(client) as connection:
+        connection.settimeout(2)
+        try:
+            while sent < limit:
+                sent += connection.send(chunk)
+        except socket.timeout:
+            pass
+        after = {tunnel.name: _rss_kib(tunnel) for tunnel in (server, client)}
+    release.set()
+    backend.close()
+
+    assert sent < limit, "the sender never stalled"
+    for name in before:
+        growth_mib = (after[name] - before[name]) / 1024
+        assert growth_mib < 32, f"{name} grew by {growth_mib:.1f} MiB"
+
+
+def test_idle_peer_is_dropped_after_connect_timeout(agent, backend, start_tunnel):
+    """
+    A peer that connects and never sends a ClientHello is dropped after
+    --connect-timeout, while another client is served meanwhile.
+    """
+    server, client = _pair(agent, start_tunnel, backend, "--connect-timeout", "1s")
+    idle = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+
+    assert _round_trip(client, b"served meanwhile") == b"served meanwhile"
+    try:
+        assert recv_all(idle) == b""
+    except ConnectionResetError:
+        pass
+    idle.close()
+    server.wait_for_log("timed out during TLS handshake")
+    assert backend.accepted == 1
+
+
+def test_client_refuses_a_server_with_another_spiffe_id(agent, backend, start_tunnel):
+    """
+    A client tunnel whose --verify-uri does not match the server's SPIFFE ID
+    refuses the server; nothing reaches the backend.
+    """
+    server = start_tunnel(
+        "server", backend.address,
+        "--use-workload-api-addr", agent.address("intruder"),
+        "--allow-uri", "spiffe://domain.test/frontend",
+    )
+    client = start_tunnel(
+        "client", server.address,
+        "--use-workload-api-addr", agent.address("frontend"),
+        "--verify-uri", "spiffe://domain.test/backend",
+    )
+
+    with _connect(client) as connection:
+        connection.sendall(b"hello")
+        assert recv_all(connection) == b""
+
+    log = client.wait_for_log("refused server")
+    assert "spiffe://domain.test/intruder" in log
+    assert backend.accepted == 0
+
+
+def test_client_without_verify_uri_accepts_any_server_in_the_bundle(
+    agent, backend, start_tunnel
+):
+    """
+    With no --verify-uri the client accepts any server that proves a SPIFFE
+    ID from its trust bundle.
+    """
+    server = start_tunnel(
+        "server", backend.address,
+        "--use-workload-api-addr", agent.address("intruder"),
+        "--allow-uri", "spiffe://domain.test/frontend",
+    )
+    client = start_tunnel(
+        "client", server.address,
+        "--use-workload-api-addr", agent.address("frontend"),
+    )
+
+    assert _round_trip(client, b"any ID") == b"any ID"
+
+
+def test_disable_authentication_on_both_sides(tmp_path, agent, backend, start_tunnel):
+    """
+    A server with --disable-authentication asks no client certificate; a
+    client with it presents none, needs only the trust bundle, and still
+    verifies the server.
+    """
+    server = start_tunnel(
+        "server", backend.address,
+        "--use-workload-api-addr", agent.address("backend"),
+        "--disable-authentication",
+    )
+    client = start_tunnel(
+        "client", server.address,
+        "--use-workload-api-addr", agent.address("frontend"),
+        "--disable-authentication",
+        "--verify-uri", "spiffe://domain.test/backend",
+    )
+
+    assert _round_trip(client, b"no client cert") == b"no client cert"
+    assert "watching trust bundles" in client.log
+    server.wait_for_log("(no certificate)")
+
+    files = svid_files(agent, "frontend", tmp_path)
+    with tls_connect(server.port, tls_client(None, files["ca"])) as connection:
+        connection.sendall(b"plain ssl client")
+        assert recv_all(connection, 16) == b"plain ssl client"
