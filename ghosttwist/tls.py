@@ -170,10 +170,10 @@ def build_context(
 
 def _present(context: SSL.Context, identity: Identity) -> None:
     leaf, *intermediates = identity.chain
-    context.use_certificate(crypto.X509.from_cryptography(leaf))
+    context.use_certificate(leaf)
     for certificate in intermediates:
-        context.add_extra_chain_cert(crypto.X509.from_cryptography(certificate))
-    context.use_privatekey(crypto.PKey.from_cryptography_key(identity.key))
+        context.add_extra_chain_cert(certificate)
+    context.use_privatekey(identity.key)
     context.check_privatekey()
 
 
