@@ -12,6 +12,7 @@ has a deadline that ends in C{abortConnection}.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
@@ -97,16 +98,23 @@ class ConnectionTracker:
     def __init__(self) -> None:
         self.open: set[Splice] = set()
         self._drained: list[Deferred] = []
+        self.observers: list[Callable[[], None]] = []
 
     def add(self, splice: Splice) -> None:
         self.open.add(splice)
+        self._notify()
 
     def remove(self, splice: Splice) -> None:
         self.open.discard(splice)
+        self._notify()
         if not self.open:
             waiting, self._drained = self._drained, []
             for deferred in waiting:
                 deferred.callback(None)
+
+    def _notify(self) -> None:
+        for observer in list(self.observers):
+            observer()
 
     def drained(self) -> Deferred:
         """
@@ -297,7 +305,11 @@ class Splice:
 
     def _refused(self, reason) -> None:
         state = handshake_state(self.inbound.transport)
-        if state is None or not state.refusal:
+        if state is None:
+            return
+        if not state.refusal:
+            _classify_handshake_failure(state, reason)
+        if not state.refusal:
             return
         log.warn(
             "refused connection from {remote}: {reason}: {detail} (peer {peer_id})",
@@ -416,6 +428,32 @@ def _describe(address) -> str:
         return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
     name = getattr(address, "name", None)
     return f"unix:{name.decode() if isinstance(name, bytes) else name or '@'}"
+
+
+def _classify_handshake_failure(state, reason) -> None:
+    """
+    Name a handshake failure that verification did not record itself: a
+    client that sent no certificate, or one whose TLS OpenSSL rejected.
+    """
+    from OpenSSL.SSL import Error
+
+    if reason is None or not reason.check(Error):
+        return
+
+    text = str(reason.value)
+    if "did not return a certificate" in text:
+        state.refusal = "no-certificate"
+        state.detail = "the client presented no certificate"
+    else:
+        state.refusal = "handshake-failed"
+        state.detail = _ssl_error_text(reason.value)
+
+
+def _ssl_error_text(error) -> str:
+    try:
+        return "; ".join(item[2] for item in error.args[0]) or str(error)
+    except (IndexError, TypeError):
+        return str(error)
 
 
 def _peer_id_from_chain(state) -> str:

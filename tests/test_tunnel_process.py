@@ -544,3 +544,25 @@ def test_disable_authentication_on_both_sides(tmp_path, agent, backend, start_tu
     with tls_connect(server.port, tls_client(None, files["ca"])) as connection:
         connection.sendall(b"plain ssl client")
         assert recv_all(connection, 16) == b"plain ssl client"
+
+
+def test_client_without_certificate_is_refused(tmp_path, agent, backend, start_tunnel):
+    """
+    A client that presents no certificate is refused, the log says so, and
+    nothing reaches the backend.
+    """
+    server = start_tunnel(
+        "server", backend.address,
+        "--use-workload-api-addr", agent.address("backend"),
+        "--allow-all",
+    )
+    files = svid_files(agent, "frontend", tmp_path)
+
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        with tls_connect(server.port, tls_client(None, files["ca"])) as conn:
+            conn.sendall(b"let me in")
+            assert conn.recv(100) == b""
+
+    log = server.wait_for_log("refused connection")
+    assert "no-certificate" in log
+    assert backend.accepted == 0
