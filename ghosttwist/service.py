@@ -233,10 +233,33 @@ def make_tunnel_service_for_twistd(options) -> TunnelService:
     """
     from twisted.internet import reactor
 
-    service = TunnelService(options.config, reactor)
-    service.ready.addErrback(_exit_on_startup_failure, reactor)
-    reactor.callWhenRunning(_install_graceful_signals, reactor)
-    return service
+    return TwistdTunnelService(options.config, reactor)
+
+
+class TwistdTunnelService(TunnelService):
+    """
+    The tunnel as twistd runs it, from the command line or from a .tap
+    file: SIGTERM and SIGINT drain and exit 0, and a failure to start is
+    one line and exit status 1.
+
+    Only the configuration is pickled into a .tap; threads, sockets,
+    contexts and the Workload API stream are built afresh on load.
+    """
+
+    def startService(self) -> None:
+        self.ready.addErrback(_exit_on_startup_failure, self.reactor)
+        self.reactor.callWhenRunning(_install_graceful_signals, self.reactor)
+        super().startService()
+
+    def __getstate__(self) -> dict:
+        return {"config": self.config, "name": self.name, "parent": self.parent}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["config"])
+        self.name = state["name"]
+        self.parent = state["parent"]
+
+
 
 
 def _install_graceful_signals(reactor) -> None:
