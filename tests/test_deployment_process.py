@@ -149,3 +149,24 @@ def test_daemon_mode_with_pidfile_and_logfile(tmp_path, agent, backend, start_tu
     finally:
         os.kill(pid, 15)
     wait_for(lambda: not pidfile.exists(), "the daemon to exit and remove its pidfile")
+
+
+def test_embedding_example_from_the_docs(agent, backend, start_tunnel):
+    """
+    docs/examples/embed.py builds a TunnelService in its own program and
+    sends a line through it to the echo backend behind a server tunnel.
+    """
+    server = start_tunnel(
+        "server", backend.address,
+        "--use-workload-api-addr", agent.address("backend"),
+        "--allow-uri", "spiffe://domain.test/frontend",
+    )
+
+    result = subprocess.run(
+        [sys.executable, str(REPOSITORY / "docs/examples/embed.py"), server.address],
+        capture_output=True, text=True, timeout=60,
+        env=environment(SPIFFE_ENDPOINT_SOCKET=agent.address("frontend")),
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ping through an embedded tunnel"
