@@ -9,6 +9,7 @@ listens; the result is a L{TunnelConfig} in C{self.config}.
 from __future__ import annotations
 
 import os
+import re
 
 from twisted.python import usage
 
@@ -22,6 +23,8 @@ from ghosttwist.config import TunnelConfig
 from ghosttwist.durations import InvalidDuration, parse_duration
 
 _FILE_FLAGS = ("keystore", "cert", "key", "cacert")
+
+_PREFIX = re.compile(r"([A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*)?")
 
 
 class _TunnelOptions(usage.Options):
@@ -38,6 +41,8 @@ class _TunnelOptions(usage.Options):
          "(address from SPIFFE_ENDPOINT_SOCKET)."],
         ["disable-authentication", None,
          "Server: ask no client certificate. Client: present none."],
+        ["enable-shutdown", None,
+         "Serve POST /_shutdown on the status port: a graceful stop, as SIGTERM."],
     ]
 
     optParameters = [
@@ -59,6 +64,17 @@ class _TunnelOptions(usage.Options):
         ["cert", None, None, "Certificate file (not yet available)."],
         ["key", None, None, "Private key file (not yet available)."],
         ["cacert", None, None, "CA bundle file (not yet available)."],
+        ["status", None, None,
+         "Status port: HOST:PORT or https://HOST:PORT (HTTPS with the tunnel's "
+         "own certificate), http://HOST:PORT, unix:PATH or systemd:NAME."],
+        ["target-status", None, None,
+         "URL to GET for the backend check of /_status (2xx is healthy) "
+         "instead of a TCP connect to --target."],
+        ["metrics-prefix", None, "ghosttwist",
+         "Prefix of every metric name ('ghostunnel' gives ghostunnel's names)."],
+        ["metrics-graphite", None, None, "Push metrics to Graphite at HOST:PORT."],
+        ["metrics-url", None, None, "POST metrics as JSON to this URL."],
+        ["metrics-interval", None, "30s", "How often metrics are pushed."],
     ]
 
     def __init__(self) -> None:
@@ -93,7 +109,50 @@ class _TunnelOptions(usage.Options):
             connect_timeout=timeouts["connect_timeout"],
             close_timeout=timeouts["close_timeout"],
             shutdown_timeout=timeouts["shutdown_timeout"],
+            **self._monitoring(),
         )
+
+    def _monitoring(self) -> dict:
+        """
+        Check the status port and metrics flags; returns their
+        L{TunnelConfig} fields.
+        """
+        from ghosttwist.status import check_http_url, parse_status_address
+
+        prefix = self["metrics-prefix"]
+        if not _PREFIX.fullmatch(prefix):
+            raise usage.UsageError(
+                f"--metrics-prefix {prefix!r}: use letters, digits, '_', '-' and '.'"
+            )
+        interval = self._duration("metrics-interval")
+        if interval <= 0:
+            raise usage.UsageError("--metrics-interval must be longer than 0s")
+        if self["enable-shutdown"] and not self["status"]:
+            raise usage.UsageError("--enable-shutdown needs --status")
+
+        try:
+            status = parse_status_address(self["status"]) if self["status"] else None
+            target_status = self["target-status"] and check_http_url(
+                self["target-status"], "--target-status"
+            )
+            metrics_url = self["metrics-url"] and check_http_url(
+                self["metrics-url"], "--metrics-url"
+            )
+            graphite = self["metrics-graphite"] and parse_address(
+                self["metrics-graphite"], flag="--metrics-graphite"
+            )
+        except InvalidAddress as error:
+            raise usage.UsageError(str(error)) from None
+
+        return {
+            "status": status,
+            "target_status": target_status or None,
+            "metrics_prefix": prefix,
+            "metrics_graphite": graphite or None,
+            "metrics_url": metrics_url or None,
+            "metrics_interval": interval,
+            "enable_shutdown": bool(self["enable-shutdown"]),
+        }
 
     def _require(self, *names: str) -> None:
         for name in names:

@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from ghosttwist.config import TunnelConfig
 from ghosttwist.halfclose import HalfCloseTLSFactory
+from ghosttwist.metrics import TunnelMetrics
 from ghosttwist.tls import ContextHolder, handshake_state
 
 log = Logger()
@@ -158,6 +159,8 @@ class Splice:
             self.inbound, self.outbound = _PlainSide(self, False), _TLSSide(self, True)
         self.spliced = False
         self.finished = False
+        self.inbound_ready = False
+        self.timed_out = False
         self.started = 0.0
         self.remote = "?"
         self._pending: list[bytes] = []
@@ -177,6 +180,7 @@ class Splice:
         self.started = time.monotonic()
         self.remote = _describe(self.inbound.transport.getPeer())
         self.tunnel.tracker.add(self)
+        self.tunnel.metrics.accepted()
 
         if self.config.connect_timeout:
             self._setup_timer = self.reactor.callLater(
@@ -184,11 +188,16 @@ class Splice:
             )
 
         if not self.inbound.tls:
+            self.inbound_ready = True
+            self.tunnel.metrics.accept_succeeded()
             self.inbound.transport.pauseProducing()
             self._dial_target()
 
     def handshake_completed(self, side: _Side) -> None:
+        self.tunnel.metrics.handshake_done(time.monotonic() - self.started)
         if side is self.inbound:
+            self.inbound_ready = True
+            self.tunnel.metrics.accept_succeeded()
             self._dial_target()
         else:
             self._join()
@@ -229,6 +238,7 @@ class Splice:
         self._dial = None
         self._cancel_setup_timer()
         self.spliced = True
+        self.tunnel.metrics.opened()
         self._log_open()
 
         inbound, outbound = self.inbound.transport, self.outbound.transport
@@ -244,6 +254,11 @@ class Splice:
 
     def _setup_timed_out(self) -> None:
         self._setup_timer = None
+        self.timed_out = True
+        if self.inbound_ready:
+            self.tunnel.metrics.conn_timed_out()
+        else:
+            self.tunnel.metrics.accept_timed_out()
         stage = "TLS handshake" if not self._dial else f"connecting to {self.config.target}"
         log.warn(
             "connection from {remote}: timed out during {stage} after {timeout}s",
@@ -304,6 +319,8 @@ class Splice:
             self._finish()
 
     def _refused(self, reason) -> None:
+        if not self.inbound_ready and not self.timed_out:
+            self.tunnel.metrics.accept_failed()
         state = handshake_state(self.inbound.transport)
         if state is None:
             return
@@ -319,12 +336,14 @@ class Splice:
             peer_id=state.peer_id or _peer_id_from_chain(state),
         )
         self.tunnel.refusals[state.refusal] = self.tunnel.refusals.get(state.refusal, 0) + 1
+        self.tunnel.metrics.refused(state.refusal)
 
     def _server_refused(self, reason) -> None:
         state = handshake_state(self.outbound.transport)
         detail = reason.getErrorMessage() if reason is not None else "closed"
         if state is not None and state.refusal:
             detail = f"{state.refusal}: {state.detail}"
+            self.tunnel.metrics.refused(state.refusal)
         log.warn(
             "connection from {remote}: refused server {target}: {detail}",
             remote=self.remote,
@@ -374,6 +393,7 @@ class Splice:
             self._close_timer.cancel()
         self._close_timer = None
         if self.spliced:
+            self.tunnel.metrics.closed(time.monotonic() - self.started)
             self._log_close()
         self.tunnel.tracker.remove(self)
 
@@ -483,6 +503,7 @@ class TunnelFactory(Factory):
         self.reactor = reactor
         self.tracker = ConnectionTracker()
         self.refusals: dict[str, int] = {}
+        self.metrics = TunnelMetrics()
 
     def buildProtocol(self, addr) -> _Side:
         return Splice(self).inbound

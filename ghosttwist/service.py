@@ -20,6 +20,7 @@ from ghosttwist.config import TunnelConfig
 from ghosttwist.durations import format_duration
 from ghosttwist.halfclose import HalfCloseTLSFactory
 from ghosttwist.identity import IIdentitySource, Identity
+from ghosttwist.monitor import Monitor
 from ghosttwist.proxy import TunnelFactory
 from ghosttwist.tls import ContextHolder, PeerPolicy, build_context
 
@@ -68,6 +69,9 @@ class TunnelService(Service):
         self.authorizer = authorizer_for(config)
         self.contexts = ContextHolder(self._build_context)
         self.factory = TunnelFactory(config, self.contexts, reactor)
+        self.monitor = Monitor(
+            config, self.factory.metrics, reactor, self.shutdown, self._monitor_failed
+        )
         self.ready: Deferred = Deferred()
         self.port = None
         self._first_timer = None
@@ -89,6 +93,7 @@ class TunnelService(Service):
             self.source = self._workload_api_source()
 
         self.source.subscribe(self._identity_updated)
+        self.monitor.start(self.source)
         if self.config.workload_api_timeout:
             self._first_timer = self.reactor.callLater(
                 self.config.workload_api_timeout, self._first_identity_timed_out
@@ -108,6 +113,17 @@ class TunnelService(Service):
         from ghosttwist.workload import WorkloadApiSource
 
         return WorkloadApiSource(self.config.workload_api, self.reactor)
+
+    def shutdown(self, why: str) -> None:
+        """
+        Stop the tunnel gracefully, as SIGTERM does: drain, then exit 0.
+        """
+        _stop_gracefully(self.reactor, why)
+
+    def _monitor_failed(self, message: str) -> None:
+        if self.ready.called:
+            log.error("ghosttwist: {message}", message=message)
+        self._fail(StartupError(message))
 
     def _first_identity_timed_out(self) -> None:
         self._first_timer = None
@@ -136,6 +152,7 @@ class TunnelService(Service):
             "bundles={trust_domains}",
             **identity.describe(),
         )
+        self.monitor.identity_updated(identity)
 
         if self._first_timer is not None:
             self._first_timer.cancel()
@@ -164,6 +181,7 @@ class TunnelService(Service):
         if not self.running:
             port.stopListening()
             return
+        self.monitor.listening(_address_of(port, self.config))
         self.ready.callback(port)
 
     def _listen_failed(self, failure) -> None:
@@ -180,6 +198,7 @@ class TunnelService(Service):
 
     def stopService(self):
         super().stopService()
+        self.monitor.stopping()
 
         if self._first_timer is not None:
             self._first_timer.cancel()
@@ -193,7 +212,7 @@ class TunnelService(Service):
             self.ready.errback(StartupError("stopped before it started"))
             self.ready.addErrback(lambda failure: None)
 
-        return self._drain(stopped)
+        return self.monitor.stop_after(self._drain(stopped))
 
     def _drain(self, stopped):
         tracker = self.factory.tracker

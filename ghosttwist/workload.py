@@ -31,6 +31,16 @@ _RETRY = RetryPolicy(
 )
 
 
+# gRPC channel states, as the status page names them.
+_STATES = {
+    "READY": "connected",
+    "CONNECTING": "connecting",
+    "TRANSIENT_FAILURE": "disconnected",
+    "IDLE": "idle",
+    "SHUTDOWN": "closed",
+}
+
+
 class _Client(WorkloadApiClient):
     """
     The C{spiffe} package's client, taught two things the tunnel needs: to
@@ -38,8 +48,13 @@ class _Client(WorkloadApiClient):
     appears) and to dial C{tcp://} addresses, which the specification allows.
     """
 
-    def __init__(self, address: WorkloadApiAddress) -> None:
+    def __init__(
+        self,
+        address: WorkloadApiAddress,
+        watch: Callable[[object], None] | None = None,
+    ) -> None:
         self._address = address
+        self._watch = watch
         super().__init__(socket_path=address.uri)
 
     @staticmethod
@@ -55,6 +70,8 @@ class _Client(WorkloadApiClient):
         )
 
         channel = grpc.insecure_channel(self._address.grpc_target)
+        if self._watch is not None:
+            channel.subscribe(self._watch, try_to_connect=False)
         interceptor = header_manipulator_client_interceptor.header_adder_interceptor(
             WORKLOAD_API_HEADER_KEY, WORKLOAD_API_HEADER_VALUE
         )
@@ -86,7 +103,13 @@ class WorkloadApiSource:
 
     @ivar updates: how many identities have arrived.
     @ivar last_update: C{time.time()} of the latest, or L{None}.
+    @ivar connection_state: the gRPC channel to the agent: C{connecting},
+        C{connected}, C{disconnected}, C{idle} or C{closed}.
+    @ivar reconnects: how many times the connection came back after it
+        had been up and was lost (an agent restart, a broken stream).
     """
+
+    kind = "workload-api"
 
     def __init__(self, address: WorkloadApiAddress, reactor) -> None:
         self.address = address
@@ -98,13 +121,19 @@ class WorkloadApiSource:
         self._client: _Client | None = None
         self._cancel = None
         self._stopped = False
+        self.connection_state = "connecting"
+        self.reconnects = 0
+        self._was_connected = False
+        self._lost = False
+        self._generation = 0
 
     def subscribe(self, callback: Callable[[Identity], None]) -> None:
         self._subscribers.append(callback)
 
     def start(self) -> None:
         self._stopped = False
-        self._client = _Client(self.address)
+        self._generation += 1
+        self._client = _Client(self.address, self._watcher(self._generation))
         self._cancel = self._client.stream_x509_contexts(
             on_success=self._received_in_thread,
             on_error=self._failed_in_thread,
@@ -130,6 +159,30 @@ class WorkloadApiSource:
             return
         self._reactor.callFromThread(self._deliver, identity)
 
+    def _watcher(self, generation: int) -> Callable[[object], None]:
+        def _in_thread(state) -> None:
+            self._reactor.callFromThread(self._connectivity, generation, state.name)
+
+        return _in_thread
+
+    def _connectivity(self, generation: int, name: str) -> None:
+        """
+        Follow the current channel's state; a return to READY after a loss
+        is a reconnect.
+        """
+        if self._stopped or generation != self._generation:
+            return
+        self.connection_state = _STATES.get(name, name.lower())
+        if name == "READY":
+            if self._lost:
+                self.reconnects += 1
+                log.info(
+                    "Workload API: reconnected to {address}", address=str(self.address)
+                )
+            self._was_connected, self._lost = True, False
+        elif self._was_connected:
+            self._lost = True
+
     def _failed_in_thread(self, error: Exception) -> None:
         self._reactor.callFromThread(self._failed, error)
 
@@ -143,6 +196,8 @@ class WorkloadApiSource:
     def _failed(self, error: Exception) -> None:
         if self._stopped:
             return
+        self._lost = self._was_connected
+        self.connection_state = "disconnected"
         log.error(
             "Workload API stream at {address} failed: {error}; reconnecting",
             address=str(self.address),
