@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING, Literal
 import attrs
 
 from ghosttwist.addresses import Address, WorkloadApiAddress
+from ghosttwist.auth.certnames import NameRules
+from ghosttwist.files import IdentityFiles
+from ghosttwist.outbound import ProxyURL
 
 if TYPE_CHECKING:
     from ghosttwist.status import StatusAddress
@@ -32,6 +35,26 @@ class TunnelConfig:
         C{SPIFFE_ENDPOINT_SOCKET} when the tunnel starts.
     @ivar workload_api_timeout: seconds to wait for the first identity;
         0 waits forever.
+    @ivar files: identity files (C{--keystore} or C{--cert}/C{--key}, and
+        C{--cacert}), or L{None} with the Workload API.
+    @ivar timed_reload: with files, seconds between reloads; 0 for none.
+    @ivar names: with files, the name and SPKI pin rules peers must meet
+        (C{--allow-cn}..., C{--verify-cn}...).
+    @ivar policy: with files, a Rego policy path and query, or L{None}.
+    @ivar server_name: client mode with files: the name the server's
+        certificate must be valid for, and the SNI sent; L{None} takes the
+        target's host.
+    @ivar max_tls_version: C{"TLS1.2"} or C{"TLS1.3"}.
+    @ivar max_concurrent_conns: connections open at once; past it new ones
+        wait to be accepted. 0 is no limit.
+    @ivar max_conn_lifetime: seconds after which a spliced connection is
+        closed; 0 is no limit.
+    @ivar proxy_protocol: server mode: the PROXY protocol v2 header sent to
+        the target (C{conn}, C{tls}, C{tls-full}), or C{""} for none.
+    @ivar outbound_proxy: client mode: the proxy the target is reached
+        through, or L{None}.
+    @ivar quiet: log lines to leave out: C{conns}, C{conn-errs},
+        C{handshake-errs} (C{all} stands for the three).
     @ivar status: where the status port listens (C{--status}), or L{None}.
     @ivar target_status: a URL whose 2xx answer means the backend is up,
         instead of a TCP connect to the target.
@@ -50,9 +73,20 @@ class TunnelConfig:
     allow_uris: tuple[str, ...] = ()
     allow_all: bool = False
     disable_authentication: bool = False
+    files: IdentityFiles | None = None
+    timed_reload: float = 0.0
+    names: NameRules = attrs.field(factory=NameRules)
+    policy: tuple[str, str] | None = None
+    server_name: str | None = None
+    max_tls_version: str = "TLS1.3"
     connect_timeout: float = 10.0
     close_timeout: float = 1.0
     shutdown_timeout: float = 300.0
+    max_concurrent_conns: int = 0
+    max_conn_lifetime: float = 0.0
+    proxy_protocol: Literal["", "conn", "tls", "tls-full"] = ""
+    outbound_proxy: ProxyURL | None = None
+    quiet: frozenset[str] = frozenset()
     status: StatusAddress | None = None
     target_status: str | None = None
     metrics_prefix: str = "ghosttwist"

@@ -11,7 +11,7 @@ import signal
 import sys
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from ghosttwist.auth.policy import Authorizer, SpiffeIdPattern
@@ -20,9 +20,12 @@ from ghosttwist.config import TunnelConfig
 from ghosttwist.durations import format_duration
 from ghosttwist.halfclose import HalfCloseTLSFactory
 from ghosttwist.identity import IIdentitySource, Identity
+from ghosttwist.limits import ConnectionLimit
 from ghosttwist.monitor import Monitor
+from ghosttwist.listeners import server_endpoint
 from ghosttwist.proxy import TunnelFactory
-from ghosttwist.tls import ContextHolder, PeerPolicy, build_context
+from ghosttwist.tls import CertPolicy, ContextHolder, PeerPolicy, build_context
+from ghosttwist.files import FileIdentityError
 
 log = Logger()
 
@@ -68,6 +71,8 @@ class TunnelService(Service):
         self.source = source
         self.authorizer = authorizer_for(config)
         self.contexts = ContextHolder(self._build_context)
+        self.contexts.server_name = config.server_name
+        self.policy = None
         self.factory = TunnelFactory(config, self.contexts, reactor)
         self.monitor = Monitor(
             config, self.factory.metrics, reactor, self.shutdown, self._monitor_failed
@@ -81,14 +86,58 @@ class TunnelService(Service):
         server = self.config.mode == "server"
         policy = None
         if not (server and self.config.disable_authentication):
-            policy = PeerPolicy(BundleVerifier(identity.bundles), self.authorizer)
+            policy = self._peer_policy(identity)
         if self.config.disable_authentication and not server:
             identity = Identity(chain=(), key=None, bundles=identity.bundles)
-        return build_context(identity, server=server, policy=policy)
+        return build_context(
+            identity,
+            server=server,
+            policy=policy,
+            max_tls_version=self.config.max_tls_version,
+        )
+
+    def _peer_policy(self, identity: Identity) -> PeerPolicy | CertPolicy:
+        """
+        SPIFFE authentication with the Workload API; with files, OpenSSL's
+        chain check against the CA bundle and the certificate name rules.
+        """
+        if self.config.files is None:
+            return PeerPolicy(BundleVerifier(identity.bundles), self.authorizer)
+        return CertPolicy(
+            rules=self.config.names,
+            allow_all=self.config.allow_all,
+            server_name=self.config.server_name,
+            rego=self.policy,
+        )
+
+    def _file_source(self) -> IIdentitySource:
+        """
+        Files and the Rego policy, reloaded together on SIGUSR1, SIGHUP and
+        the C{--timed-reload} timer.
+        """
+        from ghosttwist.auth.rego import PolicyError, PolicyHolder
+        from ghosttwist.files import FileSource
+
+        hooks = []
+        if self.config.policy is not None:
+            try:
+                self.policy = PolicyHolder(*self.config.policy)
+            except PolicyError as error:
+                raise FileIdentityError(str(error)) from None
+            hooks.append(self.policy.reload)
+        return FileSource(
+            self.config.files, self.reactor, self.config.timed_reload, hooks
+        )
 
     def startService(self) -> None:
         super().startService()
 
+        if self.source is None and self.config.files is not None:
+            try:
+                self.source = self._file_source()
+            except FileIdentityError as error:
+                self._fail(StartupError(str(error)))
+                return
         if self.source is None:
             self.source = self._workload_api_source()
 
@@ -98,7 +147,10 @@ class TunnelService(Service):
             self._first_timer = self.reactor.callLater(
                 self.config.workload_api_timeout, self._first_identity_timed_out
             )
-        self.source.start()
+        try:
+            self.source.start()
+        except FileIdentityError as error:
+            self._fail(StartupError(str(error)))
 
     def _workload_api_source(self) -> IIdentitySource:
         """
@@ -165,7 +217,7 @@ class TunnelService(Service):
         if self.config.mode == "server":
             factory = HalfCloseTLSFactory(self.contexts, False, factory, self.reactor)
 
-        endpoint = self.config.listen.server_endpoint(self.reactor)
+        endpoint = server_endpoint(self.config.listen, self.reactor)
         self._listening = endpoint.listen(factory)
         self._listening.addCallbacks(self._listened, self._listen_failed)
 
@@ -181,6 +233,10 @@ class TunnelService(Service):
         if not self.running:
             port.stopListening()
             return
+        if self.config.max_concurrent_conns:
+            ConnectionLimit(self.config.max_concurrent_conns, self.factory.tracker).attach(
+                port
+            )
         self.monitor.listening(_address_of(port, self.config))
         self.ready.callback(port)
 
@@ -188,7 +244,7 @@ class TunnelService(Service):
         self._listening = None
         self._fail(
             StartupError(
-                f"cannot listen on {self.config.listen}: {failure.getErrorMessage()}"
+                f"cannot listen on {self.config.listen}: {_listen_error(failure)}"
             )
         )
 
@@ -221,9 +277,11 @@ class TunnelService(Service):
 
         timeout = self.config.shutdown_timeout
         log.info(
-            "shutting down: waiting up to {timeout} for {count} open connections",
+            "shutting down: waiting up to {timeout} for {count} open "
+            "connection{s}",
             timeout=format_duration(timeout),
             count=len(tracker.open),
+            s="" if len(tracker.open) == 1 else "s",
         )
         drained = tracker.drained()
         timer = self.reactor.callLater(timeout, tracker.abort_all)
@@ -233,7 +291,23 @@ class TunnelService(Service):
                 timer.cancel()
             return result
 
-        return drained.addBoth(_done)
+        drained.addBoth(_done)
+        if stopped is None:
+            return drained
+        # Wait for the port too: a unix listener removes its socket file
+        # when it has stopped, and the reactor must not end before that.
+        return DeferredList([drained, stopped], consumeErrors=True)
+
+
+def _listen_error(failure) -> str:
+    """
+    The operating system's reason a listen failed, without Twisted's
+    restatement of the address.
+    """
+    socket_error = getattr(failure.value, "socketError", None)
+    if socket_error is not None:
+        return getattr(socket_error, "strerror", None) or str(socket_error)
+    return failure.getErrorMessage()
 
 
 def _address_of(port, config: TunnelConfig) -> str:
@@ -279,8 +353,6 @@ class TwistdTunnelService(TunnelService):
         self.parent = state["parent"]
 
 
-
-
 def _install_graceful_signals(reactor) -> None:
     """
     Make SIGTERM and SIGINT a graceful stop that exits 0 once connections
@@ -310,7 +382,6 @@ def _exit_on_startup_failure(failure, reactor) -> None:
         return None
 
     log.critical("ghosttwist: {message}", message=message)
-    sys.stderr.write(f"ghosttwist: {message}\n")
     atexit.register(_exit_now, 1)
     if reactor.running:
         reactor.stop()

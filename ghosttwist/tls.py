@@ -9,6 +9,7 @@ already open keep the context they were born with.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 
 import attrs
@@ -20,7 +21,8 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ghosttwist.auth.policy import Authorizer
+from ghosttwist.auth.certnames import NameRules, Names, check_server_name
+from ghosttwist.auth.policy import Authorizer, Decision
 from ghosttwist.auth.svid import BundleVerifier, SvidError
 from ghosttwist.identity import Identity
 
@@ -126,11 +128,97 @@ class PeerPolicy:
         return True
 
 
+@attrs.frozen
+class CertPolicy:
+    """
+    How one context judges its peer when identities come from files:
+    OpenSSL verifies the chain against the CA bundle, then the leaf must
+    carry the name the client dialed (client mode, C{server_name}) and meet
+    one of the access rules, or the Rego policy.
+
+    With SPKI pins in C{rules} the pin alone authenticates: chain, validity
+    and names are not checked, only the leaf's public key.
+    """
+
+    rules: NameRules = attrs.field(factory=NameRules)
+    allow_all: bool = False
+    server_name: str | None = None
+    rego: object | None = None
+
+    def verify(self, connection, certificate, errno, depth, ok) -> bool:
+        """
+        pyOpenSSL's verification callback; refusing here fails the handshake
+        with an alert, before any byte reaches the target.
+        """
+        state: HandshakeState = connection.get_app_data().handshake
+
+        if self.rules.pins:
+            if depth > 0:
+                return True
+            return self._verify_pin(state, certificate.to_cryptography())
+
+        if not ok:
+            reason = _OPENSSL_REASONS.get(errno, "untrusted-chain")
+            state.refusal = reason
+            state.detail = _OPENSSL_TEXT.get(errno, f"OpenSSL verify error {errno}")
+            return False
+
+        state.chain[depth] = certificate
+        if depth > 0:
+            return True
+
+        return self._verify_leaf(state)
+
+    def _verify_pin(self, state: HandshakeState, leaf) -> bool:
+        state.peer_id = Names.of(leaf).describe()
+        return self._judge(state, self.rules.check(leaf))
+
+    def _verify_leaf(self, state: HandshakeState) -> bool:
+        chain = [state.chain[depth].to_cryptography() for depth in sorted(state.chain)]
+        leaf = chain[0]
+        state.peer_id = Names.of(leaf).describe()
+
+        if self.server_name is not None:
+            problem = check_server_name(leaf, self.server_name)
+            if problem is not None:
+                state.refusal = "hostname-mismatch"
+                state.detail = problem
+                return False
+
+        if self.allow_all or not (self.rules or self.rego):
+            why = "allow-all" if self.allow_all else f"valid for {self.server_name}"
+            return self._judge(state, Decision(True, why))
+
+        reasons = []
+        if self.rules:
+            decision = self.rules.check(leaf)
+            if decision.allowed:
+                return self._judge(state, decision)
+            reasons.append(decision.reason)
+        if self.rego is not None:
+            outcome = self.rego.evaluate(chain)
+            if outcome.allowed:
+                return self._judge(state, Decision(True, outcome.reason))
+            reasons.append(outcome.reason)
+        return self._judge(state, Decision(False, "; ".join(reasons)))
+
+    def _judge(self, state: HandshakeState, decision: Decision) -> bool:
+        state.decision = decision.reason
+        if not decision.allowed:
+            state.refusal = "unauthorized"
+            state.detail = decision.reason
+        return decision.allowed
+
+
+_TLS_VERSIONS = {"TLS1.2": SSL.TLS1_2_VERSION, "TLS1.3": SSL.TLS1_3_VERSION}
+
+
 def build_context(
     identity: Identity,
     *,
     server: bool,
-    policy: PeerPolicy | None,
+    policy: PeerPolicy | CertPolicy | None,
+    max_tls_version: str = "TLS1.3",
 ) -> SSL.Context:
     """
     Build a fresh context that presents C{identity} and verifies peers with
@@ -138,6 +226,7 @@ def build_context(
     """
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_max_proto_version(_TLS_VERSIONS[max_tls_version])
     context.set_options(
         SSL.OP_NO_COMPRESSION
         | SSL.OP_CIPHER_SERVER_PREFERENCE
@@ -188,6 +277,7 @@ class ContextHolder:
         self._build = build
         self.context: SSL.Context | None = None
         self.identity: Identity | None = None
+        self.server_name: str | None = None
 
     def update(self, identity: Identity) -> None:
         """
@@ -205,7 +295,18 @@ class ContextHolder:
 
     def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         tlsProtocol.handshake = HandshakeState()
-        return SSL.Connection(self.context, None)
+        connection = SSL.Connection(self.context, None)
+        if self.server_name and not _is_ip(self.server_name):
+            connection.set_tlsext_host_name(self.server_name.encode("idna"))
+        return connection
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def handshake_state(transport) -> HandshakeState | None:
