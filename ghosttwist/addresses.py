@@ -34,17 +34,30 @@ class Address:
     A stream address: a TCP host and port, or a unix socket path.
     """
 
-    kind: Literal["tcp", "unix"]
+    kind: Literal["tcp", "unix", "systemd"]
     host: str = ""
     port: int = 0
     path: str = ""
+    name: str = ""
 
     def __str__(self) -> str:
         if self.kind == "unix":
             return f"unix:{self.path}"
+        if self.kind == "systemd":
+            return f"systemd:{self.name}"
         if ":" in self.host:
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
+
+    @property
+    def is_local(self) -> bool:
+        """
+        Whether only this host can reach the address: a unix socket, a
+        socket handed over by systemd, or localhost, 127.0.0.1 or [::1].
+        """
+        if self.kind != "tcp":
+            return True
+        return self.host in ("localhost", "127.0.0.1", "::1")
 
     @property
     def is_ip(self) -> bool:
@@ -83,10 +96,26 @@ class Address:
 
 def parse_address(text: str, *, flag: str, allow_port_zero: bool = False) -> Address:
     """
-    Parse C{HOST:PORT}, C{[IPV6]:PORT} or C{unix:PATH} given to C{flag}.
+    Parse C{HOST:PORT}, C{[IPV6]:PORT}, C{unix:PATH} or C{systemd:NAME}
+    given to C{flag}.
 
     @raise InvalidAddress: with a one-line message naming the flag.
     """
+    if text.startswith("systemd:"):
+        name = text[len("systemd:"):]
+        if not name or ":" in name:
+            raise InvalidAddress(
+                f"{flag} {text!r}: expected systemd:NAME, the socket unit's "
+                "FileDescriptorName"
+            )
+        return Address("systemd", name=name)
+
+    if text.startswith("launchd:"):
+        raise InvalidAddress(
+            f"{flag} {text!r}: launchd sockets are not supported; use "
+            "systemd:NAME, unix:PATH or HOST:PORT"
+        )
+
     if text.startswith("unix:"):
         path = text[len("unix:"):]
         if not path:

@@ -21,7 +21,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ghosttwist.config import TunnelConfig
+from ghosttwist import proxyproto
 from ghosttwist.halfclose import HalfCloseTLSFactory
+from ghosttwist.outbound import target_endpoint
 from ghosttwist.metrics import TunnelMetrics
 from ghosttwist.tls import ContextHolder, handshake_state
 
@@ -167,6 +169,7 @@ class Splice:
         self._dial: Deferred | None = None
         self._setup_timer = None
         self._close_timer = None
+        self._lifetime_timer = None
 
     # Setting up.
 
@@ -212,9 +215,7 @@ class Splice:
                 self.tunnel.contexts, True, factory, self.reactor
             )
 
-        endpoint = self.config.target.client_endpoint(
-            self.reactor, self.config.connect_timeout
-        )
+        endpoint = target_endpoint(self.config, self.reactor)
         self._dial = endpoint.connect(factory)
         self._dial.addErrback(self._dial_failed)
 
@@ -222,7 +223,7 @@ class Splice:
         self._dial = None
         if self.finished or failure.check(CancelledError):
             return
-        log.warn(
+        _log_for(self.config, "conn-errs").warn(
             "connection from {remote}: cannot reach {target}: {error}",
             remote=self.remote,
             target=str(self.config.target),
@@ -242,6 +243,12 @@ class Splice:
         self._log_open()
 
         inbound, outbound = self.inbound.transport, self.outbound.transport
+        if self.config.proxy_protocol:
+            outbound.write(self._proxy_header())
+        if self.config.max_conn_lifetime:
+            self._lifetime_timer = self.reactor.callLater(
+                self.config.max_conn_lifetime, self._lifetime_reached
+            )
         outbound.registerProducer(inbound, True)
         inbound.registerProducer(outbound, True)
 
@@ -260,13 +267,33 @@ class Splice:
         else:
             self.tunnel.metrics.accept_timed_out()
         stage = "TLS handshake" if not self._dial else f"connecting to {self.config.target}"
-        log.warn(
+        kind = "conn-errs" if self._dial else "handshake-errs"
+        _log_for(self.config, kind).warn(
             "connection from {remote}: timed out during {stage} after {timeout}s",
             remote=self.remote,
             stage=stage,
             timeout=self.config.connect_timeout,
         )
         self.abort("connect timeout")
+
+    def _proxy_header(self) -> bytes:
+        state = handshake_state(self.inbound.transport)
+        spiffe_id = state.peer_id if state is not None else None
+        return proxyproto.header_for(
+            self.config.proxy_protocol, self.inbound.transport, spiffe_id
+        )
+
+    def _lifetime_reached(self) -> None:
+        self._lifetime_timer = None
+        _log_for(self.config, "conns").info(
+            "connection from {remote}: closing, --max-conn-lifetime {lifetime}s "
+            "reached",
+            remote=self.remote,
+            lifetime=self.config.max_conn_lifetime,
+        )
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
+        self._close_both()
 
     # Moving bytes.
 
@@ -328,7 +355,7 @@ class Splice:
             _classify_handshake_failure(state, reason)
         if not state.refusal:
             return
-        log.warn(
+        _log_for(self.config, "handshake-errs").warn(
             "refused connection from {remote}: {reason}: {detail} (peer {peer_id})",
             remote=self.remote,
             reason=state.refusal,
@@ -344,7 +371,7 @@ class Splice:
         if state is not None and state.refusal:
             detail = f"{state.refusal}: {state.detail}"
             self.tunnel.metrics.refused(state.refusal)
-        log.warn(
+        _log_for(self.config, "handshake-errs").warn(
             "connection from {remote}: refused server {target}: {detail}",
             remote=self.remote,
             target=str(self.config.target),
@@ -392,6 +419,9 @@ class Splice:
         if self._close_timer is not None and self._close_timer.active():
             self._close_timer.cancel()
         self._close_timer = None
+        if self._lifetime_timer is not None and self._lifetime_timer.active():
+            self._lifetime_timer.cancel()
+        self._lifetime_timer = None
         if self.spliced:
             self.tunnel.metrics.closed(time.monotonic() - self.started)
             self._log_close()
@@ -419,7 +449,7 @@ class Splice:
         role = "client" if self.config.mode == "server" else "server"
         if not decision.startswith("allowed"):
             decision = f"allowed ({decision or 'no authentication'})"
-        log.info(
+        _log_for(self.config, "conns").info(
             "connection from {remote}: {role} {peer_id} {decision}, "
             "forwarding to {target}",
             remote=self.remote,
@@ -431,7 +461,7 @@ class Splice:
 
     def _log_close(self) -> None:
         peer_id, _ = self._peer()
-        log.info(
+        _log_for(self.config, "conns").info(
             "closed connection from {remote} ({peer_id}): {sent} bytes in, "
             "{received} bytes out, {seconds:.3f}s",
             remote=self.remote,
@@ -440,6 +470,17 @@ class Splice:
             received=self.outbound.bytes_in,
             seconds=time.monotonic() - self.started,
         )
+
+
+_silent = Logger(observer=lambda event: None)
+
+
+def _log_for(config: TunnelConfig, kind: str) -> Logger:
+    """
+    The logger for one kind of line, or a silent one if C{--quiet} asked
+    to leave that kind out.
+    """
+    return _silent if kind in config.quiet else log
 
 
 def _describe(address) -> str:
