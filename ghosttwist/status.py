@@ -27,7 +27,6 @@ from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python.systemd import ListenFDs
 from twisted.web.client import Agent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -36,6 +35,7 @@ from ghosttwist._version import __version__
 from ghosttwist.addresses import Address, InvalidAddress, parse_address
 from ghosttwist.config import TunnelConfig
 from ghosttwist.identity import Identity
+from ghosttwist.listeners import inherited_sockets
 from ghosttwist.metrics import TunnelMetrics, prometheus_registry, prometheus_text
 from ghosttwist.tls import ContextHolder, build_context
 
@@ -73,7 +73,7 @@ class StatusAddress:
         if not self.systemd_name:
             return self.address.server_endpoint(reactor, backlog=128)
 
-        named = ListenFDs.fromEnvironment().inheritedNamedDescriptors()
+        named = inherited_sockets()
         if self.systemd_name not in named:
             raise InvalidAddress(
                 f"--status {self}: systemd passed no socket named "

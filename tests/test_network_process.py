@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import threading
+import urllib.request
 
 import pytest
 from twisted.protocols.haproxy._v2parser import V2Parser
@@ -75,31 +76,38 @@ def _closed(connection: socket.socket) -> bool:
 
 def test_systemd_socket_activation(tmp_path, agent, backend, processes):
     """
-    The tunnel listens on a socket it inherits as fd 3, named by
+    The tunnel listens on sockets it inherits as fds 3 and 4, named by
     LISTEN_FDNAMES, with LISTEN_PID equal to its own pid, as systemd passes
-    it; it serves connections on that socket.
+    them: --listen systemd:tunnel serves the tunnel and --status
+    systemd:status the status page.
     """
     listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
+    status = socket.create_server(("127.0.0.1", 0))
+    port, status_port = listener.getsockname()[1], status.getsockname()[1]
     wrapper = (
-        "import os, sys; os.dup2(int(sys.argv[1]), 3); "
+        "import os, sys; "
+        "fds = [os.dup(int(sys.argv[1])), os.dup(int(sys.argv[2]))]; "
+        "os.dup2(fds[0], 3); os.dup2(fds[1], 4); "
+        "[os.set_inheritable(fd, True) for fd in (3, 4)]; "
         "os.environ['LISTEN_PID'] = str(os.getpid()); "
-        "os.execv(sys.argv[2], sys.argv[2:])"
+        "os.execv(sys.argv[3], sys.argv[3:])"
     )
     arguments = [
-        sys.executable, "-c", wrapper, str(listener.fileno()),
+        sys.executable, "-c", wrapper, str(listener.fileno()), str(status.fileno()),
         *twistd(
             "server", "--listen", "systemd:tunnel", "--target", backend.address,
+            "--status", "systemd:status",
             "--use-workload-api-addr", agent.address("backend"), *ALLOW_FRONTEND,
         ),
     ]
-    env = environment(LISTEN_FDS="1", LISTEN_FDNAMES="tunnel")
+    env = environment(LISTEN_FDS="2", LISTEN_FDNAMES="tunnel:status")
     log_file = open(tmp_path / "systemd.log", "wb")
     child = subprocess.Popen(
         arguments, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-        pass_fds=(listener.fileno(),), cwd=tmp_path,
+        pass_fds=(listener.fileno(), status.fileno()), cwd=tmp_path,
     )
     listener.close()
+    status.close()
     try:
         wait_for(
             lambda: "listening on" in (tmp_path / "systemd.log").read_text()
@@ -110,6 +118,10 @@ def test_systemd_socket_activation(tmp_path, agent, backend, processes):
 
         with tls_connect(port, _frontend(agent, tmp_path)) as connection:
             assert _echo_once(connection, b"activated") == b"activated"
+
+        url = f"http://127.0.0.1:{status_port}/_status"
+        with urllib.request.urlopen(url, timeout=15) as answer:
+            assert answer.status == 200
     finally:
         child.send_signal(signal.SIGTERM)
         child.wait(30)
