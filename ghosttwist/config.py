@@ -45,6 +45,7 @@ class TunnelConfig:
         certificate must be valid for, and the SNI sent; L{None} takes the
         target's host.
     @ivar max_tls_version: C{"TLS1.2"} or C{"TLS1.3"}.
+    @ivar alpn: ALPN protocols in order of preference; empty leaves ALPN off.
     @ivar max_concurrent_conns: connections open at once; past it new ones
         wait to be accepted. 0 is no limit.
     @ivar max_conn_lifetime: seconds after which a spliced connection is
@@ -79,6 +80,7 @@ class TunnelConfig:
     policy: tuple[str, str] | None = None
     server_name: str | None = None
     max_tls_version: str = "TLS1.3"
+    alpn: tuple[str, ...] = ()
     connect_timeout: float = 10.0
     close_timeout: float = 1.0
     shutdown_timeout: float = 300.0

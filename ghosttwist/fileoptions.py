@@ -48,6 +48,9 @@ FILE_PARAMETERS = [
     ["timed-reload", None, "0s",
      "Also reload the files (and policy) this often; 0 only on SIGUSR1/SIGHUP."],
     ["max-tls-version", None, "TLS1.3", "Highest TLS version: TLS1.2 or TLS1.3."],
+    ["alpn", None, None,
+     "ALPN protocols, comma-separated, in order of preference (e.g. "
+     "h2,http/1.1); unset, ALPN is off."],
 ]
 """
 C{optParameters} rows shared by both modes.
@@ -202,6 +205,21 @@ def _tls_version(options) -> str:
     return version
 
 
+def _alpn(options) -> tuple[str, ...]:
+    text = options["alpn"]
+    if text is None:
+        return ()
+    protocols = tuple(part.strip() for part in text.split(","))
+    for protocol in protocols:
+        if not protocol or len(protocol.encode()) > 255:
+            raise usage.UsageError(
+                f"--alpn {text!r}: each protocol is 1 to 255 bytes"
+            )
+        if protocol == "acme-tls/1":
+            raise usage.UsageError("--alpn: acme-tls/1 is reserved for ACME")
+    return protocols
+
+
 def identity_fields(options, mode: str, target, workload_api: bool) -> dict:
     """
     Check the file, access and TLS flags and try the files and the policy
@@ -210,7 +228,10 @@ def identity_fields(options, mode: str, target, workload_api: bool) -> dict:
     @return: L{TunnelConfig} fields.
     """
     check_access_flags(options, mode, workload_api)
-    fields: dict[str, object] = {"max_tls_version": _tls_version(options)}
+    fields: dict[str, object] = {
+        "max_tls_version": _tls_version(options),
+        "alpn": _alpn(options),
+    }
     if workload_api:
         return fields
 

@@ -15,11 +15,13 @@ import os
 import re
 import signal
 import ssl
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import attrs
 from cryptography import x509
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
@@ -102,9 +104,14 @@ def _pem_certificates(path: str, data: bytes) -> list[x509.Certificate]:
     if b"-----BEGIN CERTIFICATE-----" not in data:
         raise FileIdentityError(f"{path}: no PEM certificate in the file")
     try:
-        return x509.load_pem_x509_certificates(data)
-    except ValueError as error:
-        raise FileIdentityError(f"{path}: bad PEM certificate: {error}") from None
+        with warnings.catch_warnings():
+            # Some system trust stores hold old roots with negative serials.
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise FileIdentityError(
+            f"{path}: a PEM certificate is incomplete or corrupt (half-written?)"
+        ) from None
 
 
 def _pem_key(path: str, data: bytes, password: bytes | None):
@@ -228,7 +235,7 @@ def load_bundle(path: str | None) -> tuple[str, tuple[x509.Certificate, ...]]:
         for entry in sorted(Path(defaults.capath).iterdir()):
             data = entry.read_bytes() if entry.is_file() else b""
             if b"-----BEGIN CERTIFICATE-----" in data:
-                found += x509.load_pem_x509_certificates(data)
+                found += _pem_certificates(str(entry), data)
     if not found:
         raise FileIdentityError(
             "no system trust store found; give --cacert with a PEM CA bundle"

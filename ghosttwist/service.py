@@ -94,6 +94,7 @@ class TunnelService(Service):
             server=server,
             policy=policy,
             max_tls_version=self.config.max_tls_version,
+            alpn=self.config.alpn,
         )
 
     def _peer_policy(self, identity: Identity) -> PeerPolicy | CertPolicy:

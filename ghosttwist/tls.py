@@ -219,6 +219,7 @@ def build_context(
     server: bool,
     policy: PeerPolicy | CertPolicy | None,
     max_tls_version: str = "TLS1.3",
+    alpn: tuple[str, ...] = (),
 ) -> SSL.Context:
     """
     Build a fresh context that presents C{identity} and verifies peers with
@@ -240,6 +241,9 @@ def build_context(
     if identity.chain:
         _present(context, identity)
 
+    if alpn:
+        _negotiate(context, alpn, server)
+
     if policy is None:
         context.set_verify(SSL.VERIFY_NONE)
         return context
@@ -255,6 +259,33 @@ def build_context(
     context.set_verify(mode, policy.verify)
     context.set_verify_depth(MAX_CHAIN_DEPTH)
     return context
+
+
+def _negotiate(context: SSL.Context, alpn: tuple[str, ...], server: bool) -> None:
+    """
+    Offer C{alpn} (client), or pick the first of C{alpn} the client offers
+    and refuse a client that offers ALPN but none of them (server, RFC 7301
+    no_application_protocol).
+    """
+    ours = [protocol.encode() for protocol in alpn]
+    if not server:
+        context.set_alpn_protos(ours)
+        return
+
+    def select(connection, offered):
+        for protocol in ours:
+            if protocol in offered:
+                return protocol
+
+        state = getattr(connection.get_app_data(), "handshake", None)
+        if state is not None:
+            state.refusal = "alpn"
+            state.detail = "the client offers none of " + ",".join(alpn)
+        # An error here makes OpenSSL end the handshake with the
+        # no_application_protocol alert.
+        raise SSL.Error([("SSL routines", "alpn", "no application protocol")])
+
+    context.set_alpn_select_callback(select)
 
 
 def _present(context: SSL.Context, identity: Identity) -> None:

@@ -533,3 +533,50 @@ def test_start_up_errors_are_one_line_and_exit_2(tmp_path, pki):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2, (flags, result.stderr)
         assert len(lines) == 1 and message in lines[0], (flags, result.stderr)
+
+
+# TLS settings.
+
+
+def test_alpn_server_picks_its_first_protocol_the_client_offers(
+    tmp_path, pki, backend, start_tunnel
+):
+    """
+    With --alpn the server picks by its own preference, refuses a client
+    that offers ALPN with nothing in common, and serves one that offers none.
+    """
+    _, keystore = _server_identity(pki, tmp_path)
+    server = _server(
+        start_tunnel, backend, pki, keystore, "--allow-cn", "client1",
+        "--alpn", "h2,http/1.1",
+    )
+    peer = pki.issue("client1")
+
+    def context(offer):
+        ctx = _client_context(tmp_path, pki, peer)
+        if offer:
+            ctx.set_alpn_protocols(offer)
+        return ctx
+
+    with tls_connect(server.port, context(["http/1.1", "h2"])) as connection:
+        connection.sendall(b"ping")
+        assert recv_all(connection, 4) == b"ping"
+        assert connection.selected_alpn_protocol() == "h2"
+    with tls_connect(server.port, context(None)) as connection:
+        assert connection.selected_alpn_protocol() is None
+    with pytest.raises(ssl.SSLError, match="no application protocol"):
+        tls_connect(server.port, context(["smtp"]))
+
+
+def test_max_tls_version_caps_the_handshake(tmp_path, pki, backend, start_tunnel):
+    _, keystore = _server_identity(pki, tmp_path)
+    server = _server(
+        start_tunnel, backend, pki, keystore, "--allow-cn", "client1",
+        "--max-tls-version", "TLS1.2",
+    )
+    context = _client_context(tmp_path, pki, pki.issue("client1"))
+
+    with tls_connect(server.port, context) as connection:
+        assert connection.version() == "TLSv1.2"
+        connection.sendall(b"ping")
+        assert recv_all(connection, 4) == b"ping"
