@@ -473,6 +473,7 @@ def test_accepts_recover_after_running_out_of_descriptors(
 
     wait_for(served, "a connection served after descriptors were freed")
     assert server.process.poll() is None
+    assert "EMFILE encountered" in server.log
 
 
 # PROXY protocol v2.
