@@ -157,8 +157,70 @@ def test_input_document_shape():
     assert certificate["IPAddresses"] == ["10.0.0.1"]
     assert certificate["URIs"][0]["Host"] == "example.test"
     assert certificate["URIs"][0]["Path"] == "/w"
+    assert "User" not in certificate["URIs"][0]
     assert certificate["SpiffeID"] == "spiffe://example.test/w"
     assert certificate["SerialNumber"] == str(peer.cert.serial_number)
+
+
+GLOB_POLICY = """
+package gate
+
+patterns := ["ok.test/svc/*", "ok.test/admin"]
+
+allow if {
+    some uri in input.certificate.URIs
+    uri.Scheme == "spiffe"
+    not uri.User
+    not uri.RawQuery
+    not uri.Fragment
+    some pattern in patterns
+    glob.match(pattern, [".", "/"], concat("", [uri.Host, uri.Path]))
+}
+"""
+
+
+@pytest.mark.parametrize(
+    "uri, allowed",
+    [
+        ("spiffe://ok.test/svc/web", True),
+        ("spiffe://ok.test/admin", True),
+        ("spiffe://ok.test/svc/web/deeper", False),
+        ("spiffe://ok.test/svc/web?x=1", False),
+        ("spiffe://bad.test/admin", False),
+    ],
+)
+def test_absent_uri_parts_are_undefined_for_policies(tmp_path, uri, allowed):
+    """
+    URI parts that are empty are left out of the input, so a policy can
+    require them absent with C{not}.
+    """
+    path = tmp_path / "gate.rego"
+    path.write_text(GLOB_POLICY)
+    policy = RegoPolicy(str(path), "data.gate.allow")
+
+    assert policy.evaluate([mint("p", uris=[uri]).cert]).allowed is allowed
+
+
+def test_policy_from_an_opa_bundle(tmp_path):
+    import io
+    import json
+    import tarfile
+
+    bundle = tmp_path / "bundle.tar.gz"
+    with tarfile.open(bundle, "w:gz") as archive:
+        for name, content in (
+            ("/gate/policy.rego",
+             b"package gate\nallow if input.certificate.Subject.CommonName in data.names\n"),
+            ("/data.json", json.dumps({"names": ["c1"]}).encode()),
+            ("/.manifest", b"{}"),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+    policy = RegoPolicy(str(bundle), "data.gate.allow")
+
+    assert policy.evaluate([mint("c1").cert]).allowed
+    assert not policy.evaluate([mint("c2").cert]).allowed
 
 
 def test_broken_policy_refuses_load_and_reload_keeps_the_old(tmp_path):

@@ -17,6 +17,7 @@ import base64
 import json
 import tarfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import attrs
 from cryptography import x509
@@ -59,24 +60,27 @@ def _name(name: x509.Name) -> dict[str, object]:
 
 
 def _uri(text: str) -> dict[str, object]:
-    from urllib.parse import urlsplit
-
+    """
+    A URI SAN split as Go's C{url.URL}; parts that are empty are left out,
+    so C{not uri.User} or C{not uri.RawQuery} hold when they are absent.
+    """
     parts = urlsplit(text)
-    user = None
-    if parts.username is not None:
-        user = {"Username": parts.username}
-    return {
+    opaque = not parts.netloc and not parts.path.startswith("/")
+    document: dict[str, object] = {
         "Raw": text,
         "Scheme": parts.scheme,
-        "Opaque": "" if parts.netloc or text[len(parts.scheme) + 1 :].startswith("/")
-        else parts.path,
-        "User": user,
-        "Host": parts.hostname or "",
-        "Path": parts.path if parts.netloc or parts.path.startswith("/") else "",
+        "Host": parts.netloc.rpartition("@")[2],
+        "Path": "" if opaque else parts.path,
+    }
+    optional = {
+        "Opaque": parts.path if opaque else "",
+        "User": {"Username": parts.username} if parts.username is not None else None,
         "RawQuery": parts.query,
         "Fragment": parts.fragment,
         "RawFragment": parts.fragment,
     }
+    document.update((key, value) for key, value in optional.items() if value)
+    return document
 
 
 def input_document(chain: list[x509.Certificate]) -> dict[str, object]:
