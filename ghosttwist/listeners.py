@@ -27,6 +27,7 @@ from ghosttwist.addresses import Address
 
 log = Logger()
 
+
 def inherited_sockets() -> dict[str, int]:
     """
     The descriptors systemd passed to this process, by name.
@@ -176,7 +177,9 @@ class CleanUNIXEndpoint:
             raise CannotListenError(None, self.path, error.strerror) from None
 
         if not stat.S_ISSOCK(mode):
-            raise CannotListenError(None, self.path, "the path exists and is not a socket")
+            raise CannotListenError(
+                None, self.path, "the path exists and is not a socket"
+            )
 
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         probe.settimeout(1.0)

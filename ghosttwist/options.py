@@ -184,7 +184,8 @@ class _TunnelOptions(usage.Options):
         text = self["max-concurrent-conns"]
         if not text.isdigit():
             raise usage.UsageError(
-                f"--max-concurrent-conns {text!r}: expected a whole number (0: no limit)"
+                f"--max-concurrent-conns {text!r}: expected a whole number "
+                "(0: no limit)"
             )
 
         fields = self._mode_fields()

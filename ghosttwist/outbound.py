@@ -77,8 +77,12 @@ def parse_proxy_url(text: str) -> ProxyURL:
     username = unquote(parts.username or "")
     password = unquote(parts.password or "")
     if parts.scheme == "socks5" and (len(username) > 255 or len(password) > 255):
-        raise InvalidProxyURL("--proxy: SOCKS5 user names and passwords end at 255 bytes")
-    return ProxyURL(parts.scheme, Address("tcp", host=host, port=port), username, password)
+        raise InvalidProxyURL(
+            "--proxy: SOCKS5 user names and passwords end at 255 bytes"
+        )
+    return ProxyURL(
+        parts.scheme, Address("tcp", host=host, port=port), username, password
+    )
 
 
 def _redact(text: str) -> str:
@@ -94,7 +98,9 @@ class ProxiedEndpoint:
     Dials C{target} (host and port) through C{proxy}.
     """
 
-    def __init__(self, reactor, proxy: ProxyURL, target: Address, timeout: float) -> None:
+    def __init__(
+        self, reactor, proxy: ProxyURL, target: Address, timeout: float
+    ) -> None:
         self.reactor = reactor
         self.proxy = proxy
         self.target = target
@@ -104,9 +110,9 @@ class ProxiedEndpoint:
         handshake_class = _HTTPConnect if self.proxy.scheme == "http" else _Socks5
         done: Deferred = Deferred(lambda d: handshake.cancel())
         handshake = handshake_class(self.proxy, self.target, factory, done)
-        dialing = self.proxy.address.client_endpoint(self.reactor, self.timeout).connect(
-            _Once(handshake)
-        )
+        dialing = self.proxy.address.client_endpoint(
+            self.reactor, self.timeout
+        ).connect(_Once(handshake))
         dialing.addErrback(handshake.dial_failed)
         handshake.dialing = dialing
         return done
@@ -141,7 +147,9 @@ class _Handshake(Protocol):
         if not self.finished:
             self.finished = True
             self.done.errback(
-                ProxyError(f"cannot reach proxy {self.proxy}: {failure.getErrorMessage()}")
+                ProxyError(
+                    f"cannot reach proxy {self.proxy}: {failure.getErrorMessage()}"
+                )
             )
 
     def cancel(self) -> None:
@@ -198,7 +206,9 @@ class _HTTPConnect(_Handshake):
         lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
         if self.proxy.username or self.proxy.password:
             token = f"{self.proxy.username}:{self.proxy.password}".encode()
-            lines.append(f"Proxy-Authorization: Basic {base64.b64encode(token).decode()}")
+            lines.append(
+                f"Proxy-Authorization: Basic {base64.b64encode(token).decode()}"
+            )
         self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode())
 
     def step(self) -> None:
@@ -210,7 +220,11 @@ class _HTTPConnect(_Handshake):
 
         status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
         fields = status_line.split(" ", 2)
-        if len(fields) < 2 or not fields[0].startswith("HTTP/") or not fields[1].isdigit():
+        if (
+            len(fields) < 2
+            or not fields[0].startswith("HTTP/")
+            or not fields[1].isdigit()
+        ):
             self.fail(f"answered CONNECT with {status_line[:80]!r}")
             return
         if not fields[1].startswith("2"):

@@ -75,10 +75,14 @@ def addresses(source, destination) -> tuple[int, bytes]:
         src, dst = _ip(source.host), _ip(destination.host)
         if src.version == dst.version == 4:
             block = src.packed + dst.packed
-            return PP2_FAMILY_TCP4, block + struct.pack("!HH", source.port, destination.port)
+            return PP2_FAMILY_TCP4, block + struct.pack(
+                "!HH", source.port, destination.port
+            )
         src, dst = _as_v6(src), _as_v6(dst)
         block = src.packed + dst.packed
-        return PP2_FAMILY_TCP6, block + struct.pack("!HH", source.port, destination.port)
+        return PP2_FAMILY_TCP6, block + struct.pack(
+            "!HH", source.port, destination.port
+        )
 
     if isinstance(source, UNIXAddress) and isinstance(destination, UNIXAddress):
         return PP2_FAMILY_UNIX, _unix_path(source.name) + _unix_path(destination.name)

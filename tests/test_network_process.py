@@ -26,7 +26,6 @@ from tests.processes import (
     Process,
     environment,
     free_port,
-    port_answers,
     recv_all,
     svid_files,
     tls_client,
@@ -41,8 +40,14 @@ ALLOW_FRONTEND = ("--allow-uri", "spiffe://domain.test/frontend")
 def _server(agent, tmp_path, processes, listen, target, *flags, name="server"):
     process = Process(
         twistd(
-            "server", "--listen", listen, "--target", target,
-            "--use-workload-api-addr", agent.address("backend"), *flags,
+            "server",
+            "--listen",
+            listen,
+            "--target",
+            target,
+            "--use-workload-api-addr",
+            agent.address("backend"),
+            *flags,
         ),
         tmp_path / f"{name}.log",
     )
@@ -93,39 +98,55 @@ def test_systemd_socket_activation(tmp_path, agent, backend, processes):
         "os.execv(sys.argv[3], sys.argv[3:])"
     )
     arguments = [
-        sys.executable, "-c", wrapper, str(listener.fileno()), str(status.fileno()),
+        sys.executable,
+        "-c",
+        wrapper,
+        str(listener.fileno()),
+        str(status.fileno()),
         *twistd(
-            "server", "--listen", "systemd:tunnel", "--target", backend.address,
-            "--status", "systemd:status",
-            "--use-workload-api-addr", agent.address("backend"), *ALLOW_FRONTEND,
+            "server",
+            "--listen",
+            "systemd:tunnel",
+            "--target",
+            backend.address,
+            "--status",
+            "systemd:status",
+            "--use-workload-api-addr",
+            agent.address("backend"),
+            *ALLOW_FRONTEND,
         ),
     ]
     env = environment(LISTEN_FDS="2", LISTEN_FDNAMES="tunnel:status")
-    log_file = open(tmp_path / "systemd.log", "wb")
-    child = subprocess.Popen(
-        arguments, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-        pass_fds=(listener.fileno(), status.fileno()), cwd=tmp_path,
-    )
-    listener.close()
-    status.close()
-    try:
-        wait_for(
-            lambda: "listening on" in (tmp_path / "systemd.log").read_text()
-            or child.poll() is not None,
-            "the tunnel to listen",
+    with open(tmp_path / "systemd.log", "wb") as log_file:
+        child = subprocess.Popen(
+            arguments,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            pass_fds=(listener.fileno(), status.fileno()),
+            cwd=tmp_path,
         )
-        assert child.poll() is None, (tmp_path / "systemd.log").read_text()
+        listener.close()
+        status.close()
+        try:
+            wait_for(
+                lambda: (
+                    "listening on" in (tmp_path / "systemd.log").read_text()
+                    or child.poll() is not None
+                ),
+                "the tunnel to listen",
+            )
+            assert child.poll() is None, (tmp_path / "systemd.log").read_text()
 
-        with tls_connect(port, _frontend(agent, tmp_path)) as connection:
-            assert _echo_once(connection, b"activated") == b"activated"
+            with tls_connect(port, _frontend(agent, tmp_path)) as connection:
+                assert _echo_once(connection, b"activated") == b"activated"
 
-        url = f"http://127.0.0.1:{status_port}/_status"
-        with urllib.request.urlopen(url, timeout=15) as answer:
-            assert answer.status == 200
-    finally:
-        child.send_signal(signal.SIGTERM)
-        child.wait(30)
-        log_file.close()
+            url = f"http://127.0.0.1:{status_port}/_status"
+            with urllib.request.urlopen(url, timeout=15) as answer:
+                assert answer.status == 200
+        finally:
+            child.send_signal(signal.SIGTERM)
+            child.wait(30)
 
 
 def test_systemd_name_not_passed_is_one_line_and_exit_1(tmp_path, agent, processes):
@@ -204,12 +225,22 @@ def test_two_servers_share_a_port_with_reuseport(tmp_path, agent, backend, proce
     port = free_port()
     listen = f"127.0.0.1:{port}"
     first = _server(
-        agent, tmp_path, processes, listen, backend.address, *ALLOW_FRONTEND,
+        agent,
+        tmp_path,
+        processes,
+        listen,
+        backend.address,
+        *ALLOW_FRONTEND,
         name="first",
     )
     first.wait_for_log("listening on")
     second = _server(
-        agent, tmp_path, processes, listen, backend.address, *ALLOW_FRONTEND,
+        agent,
+        tmp_path,
+        processes,
+        listen,
+        backend.address,
+        *ALLOW_FRONTEND,
         name="second",
     )
     second.wait_for_log("listening on")
@@ -230,43 +261,144 @@ def test_two_servers_share_a_port_with_reuseport(tmp_path, agent, backend, proce
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["server", "--listen", "127.0.0.1:1", "--target", "192.0.2.1:80",
-          "--use-workload-api-addr", "unix:///x.sock", "--allow-all"],
-         "--unsafe-target"),
-        (["client", "--listen", "0.0.0.0:1", "--target", "127.0.0.1:2",
-          "--use-workload-api-addr", "unix:///x.sock"],
-         "--unsafe-listen"),
-        (["server", "--listen", "127.0.0.1:1", "--target", "unix:/x",
-          "--use-workload-api-addr", "unix:///x.sock", "--allow-all",
-          "--proxy-protocol", "--proxy-protocol-mode", "tls"],
-         "exclude each other"),
-        (["server", "--listen", "127.0.0.1:1", "--target", "unix:/x",
-          "--use-workload-api-addr", "unix:///x.sock", "--allow-all",
-          "--proxy-protocol-mode", "full"],
-         "choose conn, tls or tls-full"),
-        (["client", "--listen", "127.0.0.1:1", "--target", "127.0.0.1:2",
-          "--use-workload-api-addr", "unix:///x.sock", "--proxy", "ftp://h:1"],
-         "http://HOST:PORT or socks5://HOST:PORT"),
-        (["server", "--listen", "127.0.0.1:1", "--target", "127.0.0.1:2",
-          "--use-workload-api-addr", "unix:///x.sock", "--allow-all",
-          "--max-concurrent-conns", "-1"],
-         "--max-concurrent-conns"),
-        (["server", "--listen", "127.0.0.1:1", "--target", "127.0.0.1:2",
-          "--use-workload-api-addr", "unix:///x.sock", "--allow-all",
-          "--quiet", "everything"],
-         "--quiet"),
-        (["server", "--listen", "127.0.0.1:1", "--target", "systemd:x",
-          "--use-workload-api-addr", "unix:///x.sock", "--allow-all"],
-         "can only be listened on"),
+        (
+            [
+                "server",
+                "--listen",
+                "127.0.0.1:1",
+                "--target",
+                "192.0.2.1:80",
+                "--use-workload-api-addr",
+                "unix:///x.sock",
+                "--allow-all",
+            ],
+            "--unsafe-target",
+        ),
+        (
+            [
+                "client",
+                "--listen",
+                "0.0.0.0:1",
+                "--target",
+                "127.0.0.1:2",
+                "--use-workload-api-addr",
+                "unix:///x.sock",
+            ],
+            "--unsafe-listen",
+        ),
+        (
+            [
+                "server",
+                "--listen",
+                "127.0.0.1:1",
+                "--target",
+                "unix:/x",
+                "--use-workload-api-addr",
+                "unix:///x.sock",
+                "--allow-all",
+                "--proxy-protocol",
+                "--proxy-protocol-mode",
+                "tls",
+            ],
+            "exclude each other",
+        ),
+        (
+            [
+                "server",
+                "--listen",
+                "127.0.0.1:1",
+                "--target",
+                "unix:/x",
+                "--use-workload-api-addr",
+                "unix:///x.sock",
+                "--allow-all",
+                "--proxy-protocol-mode",
+                "full",
+            ],
+            "choose conn, tls or tls-full",
+        ),
+        (
+            [
+                "client",
+                "--listen",
+                "127.0.0.1:1",
+                "--target",
+                "127.0.0.1:2",
+                "--use-workload-api-addr",
+                "unix:///x.sock",
+                "--proxy",
+                "ftp://h:1",
+            ],
+            "http://HOST:PORT or socks5://HOST:PORT",
+        ),
+        (
+            [
+                "server",
+                "--listen",
+                "127.0.0.1:1",
+                "--target",
+                "127.0.0.1:2",
+                "--use-workload-api-addr",
+                "unix:///x.sock",
+                "--allow-all",
+                "--max-concurrent-conns",
+                "-1",
+            ],
+            "--max-concurrent-conns",
+        ),
+        (
+            [
+                "server",
+                "--listen",
+                "127.0.0.1:1",
+                "--target",
+                "127.0.0.1:2",
+                "--use-workload-api-addr",
+                "unix:///x.sock",
+                "--allow-all",
+                "--quiet",
+                "everything",
+            ],
+            "--quiet",
+        ),
+        (
+            [
+                "server",
+                "--listen",
+                "127.0.0.1:1",
+                "--target",
+                "systemd:x",
+                "--use-workload-api-addr",
+                "unix:///x.sock",
+                "--allow-all",
+            ],
+            "can only be listened on",
+        ),
         # A label longer than 63 bytes fails before any resolver is asked.
-        (["server", "--listen", "127.0.0.1:1", "--target", "a" * 64 + ".test:80",
-          "--unsafe-target", "--use-workload-api-addr", "unix:///x.sock",
-          "--allow-all"],
-         "--skip-resolve"),
+        (
+            [
+                "server",
+                "--listen",
+                "127.0.0.1:1",
+                "--target",
+                "a" * 64 + ".test:80",
+                "--unsafe-target",
+                "--use-workload-api-addr",
+                "unix:///x.sock",
+                "--allow-all",
+            ],
+            "--skip-resolve",
+        ),
     ],
     ids=[
-        "remote-target", "public-listen", "both-proxy-flags", "bad-proxy-mode",
-        "bad-proxy-url", "negative-limit", "bad-quiet", "systemd-target",
+        "remote-target",
+        "public-listen",
+        "both-proxy-flags",
+        "bad-proxy-mode",
+        "bad-proxy-url",
+        "negative-limit",
+        "bad-quiet",
+        "systemd-target",
         "unresolvable-target",
     ],
 )
@@ -275,8 +407,12 @@ def test_network_mistakes_are_one_line_and_exit_2(arguments, message):
     Each mistake ends in one line on stderr and exit status 2.
     """
     result = subprocess.run(
-        twistd(*arguments), capture_output=True, text=True, timeout=60,
+        twistd(*arguments),
+        capture_output=True,
+        text=True,
+        timeout=60,
         env=environment(),
+        check=False,
     )
 
     assert result.returncode == 2
@@ -294,8 +430,14 @@ def test_skip_resolve_starts_with_a_name_that_does_not_resolve(
     """
     port = free_port()
     server = _server(
-        agent, tmp_path, processes, f"127.0.0.1:{port}", "a" * 64 + ".test:80",
-        "--unsafe-target", "--skip-resolve", *ALLOW_FRONTEND,
+        agent,
+        tmp_path,
+        processes,
+        f"127.0.0.1:{port}",
+        "a" * 64 + ".test:80",
+        "--unsafe-target",
+        "--skip-resolve",
+        *ALLOW_FRONTEND,
     )
     server.wait_for_log("listening on")
 
@@ -317,7 +459,11 @@ def test_target_that_flaps_fails_per_connection_then_recovers(
     target_port = free_port()
     port = free_port()
     server = _server(
-        agent, tmp_path, processes, f"127.0.0.1:{port}", f"127.0.0.1:{target_port}",
+        agent,
+        tmp_path,
+        processes,
+        f"127.0.0.1:{port}",
+        f"127.0.0.1:{target_port}",
         *ALLOW_FRONTEND,
     )
     server.wait_for_log("listening on")
@@ -348,8 +494,14 @@ def test_silent_peer_is_dropped_at_connect_timeout_while_others_are_served(
     """
     port = free_port()
     server = _server(
-        agent, tmp_path, processes, f"127.0.0.1:{port}", backend.address,
-        "--connect-timeout", "2s", *ALLOW_FRONTEND,
+        agent,
+        tmp_path,
+        processes,
+        f"127.0.0.1:{port}",
+        backend.address,
+        "--connect-timeout",
+        "2s",
+        *ALLOW_FRONTEND,
     )
     server.wait_for_log("listening on")
 
@@ -371,8 +523,14 @@ def test_connection_past_the_limit_waits_for_a_free_slot(
     """
     port = free_port()
     server = _server(
-        agent, tmp_path, processes, f"127.0.0.1:{port}", backend.address,
-        "--max-concurrent-conns", "2", *ALLOW_FRONTEND,
+        agent,
+        tmp_path,
+        processes,
+        f"127.0.0.1:{port}",
+        backend.address,
+        "--max-concurrent-conns",
+        "2",
+        *ALLOW_FRONTEND,
     )
     server.wait_for_log("listening on")
     context = _frontend(agent, tmp_path)
@@ -407,8 +565,14 @@ def test_connection_is_closed_at_max_conn_lifetime(tmp_path, agent, backend, pro
     """
     port = free_port()
     server = _server(
-        agent, tmp_path, processes, f"127.0.0.1:{port}", backend.address,
-        "--max-conn-lifetime", "1s", *ALLOW_FRONTEND,
+        agent,
+        tmp_path,
+        processes,
+        f"127.0.0.1:{port}",
+        backend.address,
+        "--max-conn-lifetime",
+        "1s",
+        *ALLOW_FRONTEND,
     )
     server.wait_for_log("listening on")
 
@@ -434,10 +598,18 @@ def test_accepts_recover_after_running_out_of_descriptors(
     )
     server = Process(
         [
-            sys.executable, "-c", wrapper,
+            sys.executable,
+            "-c",
+            wrapper,
             *twistd(
-                "server", "--listen", f"127.0.0.1:{port}", "--target", backend.address,
-                "--use-workload-api-addr", agent.address("backend"), *ALLOW_FRONTEND,
+                "server",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--target",
+                backend.address,
+                "--use-workload-api-addr",
+                agent.address("backend"),
+                *ALLOW_FRONTEND,
             ),
         ],
         tmp_path / "emfile.log",
@@ -514,8 +686,14 @@ def test_proxy_protocol_header_reaches_the_target(tmp_path, agent, processes):
     target_port = target.getsockname()[1]
     port = free_port()
     server = _server(
-        agent, tmp_path, processes, f"127.0.0.1:{port}", f"127.0.0.1:{target_port}",
-        "--proxy-protocol-mode", "tls-full", *ALLOW_FRONTEND,
+        agent,
+        tmp_path,
+        processes,
+        f"127.0.0.1:{port}",
+        f"127.0.0.1:{target_port}",
+        "--proxy-protocol-mode",
+        "tls-full",
+        *ALLOW_FRONTEND,
     )
     server.wait_for_log("listening on")
 
@@ -556,8 +734,13 @@ def test_proxy_protocol_over_ipv6(tmp_path, agent, processes):
         probe.bind(("::1", 0))
         port = probe.getsockname()[1]
     server = _server(
-        agent, tmp_path, processes, f"[::1]:{port}", f"127.0.0.1:{target_port}",
-        "--proxy-protocol", *ALLOW_FRONTEND,
+        agent,
+        tmp_path,
+        processes,
+        f"[::1]:{port}",
+        f"127.0.0.1:{target_port}",
+        "--proxy-protocol",
+        *ALLOW_FRONTEND,
     )
     server.wait_for_log("listening on")
 
@@ -576,10 +759,12 @@ def test_proxy_protocol_over_ipv6(tmp_path, agent, processes):
     info = V2Parser.parse(raw)
     loopback = ipaddress.IPv6Address("::1")
     assert (ipaddress.IPv6Address(info.source.host), info.source.port) == (
-        loopback, client_port,
+        loopback,
+        client_port,
     )
     assert (ipaddress.IPv6Address(info.destination.host), info.destination.port) == (
-        loopback, port,
+        loopback,
+        port,
     )
     assert _tlvs(raw[16 + 36 :]) == {0xE0: b"spiffe://domain.test/frontend"}
 
@@ -610,18 +795,28 @@ def test_client_reaches_the_server_through_an_outbound_proxy(
     proxy_port = _proxy(kind, tmp_path, processes, "ghost:s3cret")
     server_port = free_port()
     server = _server(
-        agent, tmp_path, processes, f"127.0.0.1:{server_port}", backend.address,
+        agent,
+        tmp_path,
+        processes,
+        f"127.0.0.1:{server_port}",
+        backend.address,
         *ALLOW_FRONTEND,
     )
     server.wait_for_log("listening on")
     port = free_port()
     client = Process(
         twistd(
-            "client", "--listen", f"127.0.0.1:{port}",
-            "--target", f"localhost:{server_port}",
-            "--use-workload-api-addr", agent.address("frontend"),
-            "--verify-uri", "spiffe://domain.test/backend",
-            "--proxy", f"{kind}://ghost:s3cret@127.0.0.1:{proxy_port}",
+            "client",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--target",
+            f"localhost:{server_port}",
+            "--use-workload-api-addr",
+            agent.address("frontend"),
+            "--verify-uri",
+            "spiffe://domain.test/backend",
+            "--proxy",
+            f"{kind}://ghost:s3cret@127.0.0.1:{proxy_port}",
         ),
         tmp_path / "client.log",
     )
@@ -647,9 +842,15 @@ def test_proxy_refusal_fails_that_connection_only(kind, tmp_path, agent, process
     port = free_port()
     client = Process(
         twistd(
-            "client", "--listen", f"127.0.0.1:{port}", "--target", "127.0.0.1:9",
-            "--use-workload-api-addr", agent.address("frontend"),
-            "--proxy", f"{kind}://ghost:wrong@127.0.0.1:{proxy_port}",
+            "client",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--target",
+            "127.0.0.1:9",
+            "--use-workload-api-addr",
+            agent.address("frontend"),
+            "--proxy",
+            f"{kind}://ghost:wrong@127.0.0.1:{proxy_port}",
         ),
         tmp_path / "client.log",
     )
@@ -678,11 +879,21 @@ def test_quiet_conns_and_logfile(tmp_path, agent, backend, processes):
     log_path = tmp_path / "tunnel-file.log"
     server = Process(
         [
-            os.path.join(os.path.dirname(sys.executable), "twistd"), "-n",
-            "--pidfile=", f"--logfile={log_path}", "ghosttwist", "server",
-            "--listen", f"127.0.0.1:{port}", "--target", backend.address,
-            "--use-workload-api-addr", agent.address("backend"),
-            "--quiet", "conns", *ALLOW_FRONTEND,
+            os.path.join(os.path.dirname(sys.executable), "twistd"),
+            "-n",
+            "--pidfile=",
+            f"--logfile={log_path}",
+            "ghosttwist",
+            "server",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--target",
+            backend.address,
+            "--use-workload-api-addr",
+            agent.address("backend"),
+            "--quiet",
+            "conns",
+            *ALLOW_FRONTEND,
         ],
         tmp_path / "quiet-stdout.log",
     )
@@ -696,10 +907,12 @@ def test_quiet_conns_and_logfile(tmp_path, agent, backend, processes):
         assert _echo_once(connection, b"hush") == b"hush"
 
     intruder = svid_files(agent, "intruder", tmp_path)
-    with pytest.raises((ssl.SSLError, ConnectionError)):
-        with tls_connect(port, tls_client(intruder, intruder["ca"])) as connection:
-            connection.sendall(b"x")
-            connection.recv(10)
+    with (
+        pytest.raises((ssl.SSLError, ConnectionError)),
+        tls_connect(port, tls_client(intruder, intruder["ca"])) as connection,
+    ):
+        connection.sendall(b"x")
+        connection.recv(10)
     wait_for(lambda: "refused connection" in log_path.read_text(), "the refusal line")
 
     text = log_path.read_text()

@@ -50,7 +50,9 @@ def test_ipv6_addresses():
     )
 
     assert ipaddress.ip_address(info.source.host) == ipaddress.ip_address("::1")
-    assert ipaddress.ip_address(info.destination.host) == ipaddress.ip_address("fe80::1")
+    assert ipaddress.ip_address(info.destination.host) == ipaddress.ip_address(
+        "fe80::1"
+    )
     assert info.destination.port == 8443
 
 
@@ -140,13 +142,24 @@ def test_limit_stops_and_resumes_accepting():
     "text, scheme, host, port, user, password",
     [
         ("http://127.0.0.1:3128", "http", "127.0.0.1", 3128, "", ""),
-        ("socks5://u%40x:p%3Aw@localhost:1080", "socks5", "localhost", 1080, "u@x", "p:w"),
+        (
+            "socks5://u%40x:p%3Aw@localhost:1080",
+            "socks5",
+            "localhost",
+            1080,
+            "u@x",
+            "p:w",
+        ),
     ],
 )
 def test_proxy_urls(text, scheme, host, port, user, password):
     proxy = parse_proxy_url(text)
 
-    assert (proxy.scheme, proxy.address.host, proxy.address.port) == (scheme, host, port)
+    assert (proxy.scheme, proxy.address.host, proxy.address.port) == (
+        scheme,
+        host,
+        port,
+    )
     assert (proxy.username, proxy.password) == (user, password)
     if password:
         assert password not in repr(proxy)
