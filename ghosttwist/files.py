@@ -21,16 +21,16 @@ from pathlib import Path
 
 import attrs
 from cryptography import x509
-from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.utils import CryptographyDeprecationWarning
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from ghosttwist.auth.svid import spiffe_id_of
-from ghosttwist.identity import IIdentitySource, Identity
+from ghosttwist.identity import Identity, IIdentitySource
 
 log = Logger()
 
@@ -260,16 +260,11 @@ def load_identity(files: IdentityFiles) -> Identity:
 
     _check_key_type(where, key)
     chain = order_chain(where, key, certificates)
-    try:
-        spiffe_id = spiffe_id_of(chain[0])
-    except Exception:
-        spiffe_id = None
-
     return Identity(
         chain=chain,
         key=key,
         bundles={name: bundle},
-        spiffe_id=spiffe_id,
+        spiffe_id=spiffe_id_of(chain[0]),
         source="files",
     )
 
@@ -314,8 +309,15 @@ class FileSource:
         """
         self._deliver(load_identity(self.files))
 
-        for number in RELOAD_SIGNALS:
-            self._previous_handlers[number] = signal.signal(number, self._signalled)
+        try:
+            for number in RELOAD_SIGNALS:
+                previous = signal.signal(number, self._signalled)
+                self._previous_handlers[number] = previous
+        except ValueError:
+            log.warn(  # noqa: G010 - twisted.logger's name
+                "not in the main thread: reloads come from --timed-reload or "
+                "FileSource.reload() only, not from signals"
+            )
 
         if self._timed_reload:
             self._timer = LoopingCall(self.reload, "timer")

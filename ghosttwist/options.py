@@ -421,7 +421,8 @@ class ClientOptions(_TunnelOptions):
          "SNI, instead of the --target host."],
         ["verify-policy", None, None,
          "Rego policy (.rego file, folder or OPA bundle) the server must pass."],
-        ["verify-query", None, None, "Query of --verify-policy, e.g. data.tunnel.allow."],
+        ["verify-query", None, None,
+         "Query of --verify-policy, e.g. data.tunnel.allow."],
     ]
 
     def _check_rails(self, listen, target) -> None:

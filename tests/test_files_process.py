@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from ghosttwist.auth.certnames import spki_pin
 from tests.pki import Pki, key_pem, mint, pem
 from tests.processes import (
     Process,
@@ -25,8 +26,6 @@ from tests.processes import (
     twistd,
     wait_for,
 )
-
-from ghosttwist.auth.certnames import spki_pin
 
 
 @pytest.fixture
@@ -492,7 +491,9 @@ def test_rego_policy_allows_and_denies(tmp_path, pki, backend, start_tunnel):
     server.wait_for_log("keeping the previous policy")
     assert _echo_through(server.port, by_cn)[0] == b"ping"
 
-    policy.write_text("package tunnel\nallow if input.certificate.Subject.CommonName == \"client3\"\n")
+    policy.write_text(
+        'package tunnel\nallow if input.certificate.Subject.CommonName == "client3"\n'
+    )
     server.signal(signal.SIGHUP)
     wait_for(lambda: not _refused(server.port, denied), "the new policy")
     assert _refused(server.port, by_cn)
@@ -580,3 +581,35 @@ def test_max_tls_version_caps_the_handshake(tmp_path, pki, backend, start_tunnel
         assert connection.version() == "TLSv1.2"
         connection.sendall(b"ping")
         assert recv_all(connection, 4) == b"ping"
+
+
+def test_alpn_client_offers_its_protocols(tmp_path, pki, start_tunnel):
+    """
+    A client tunnel with --alpn offers its list; the server's choice is
+    made by the server, here an ssl server that speaks only http/1.1.
+    """
+    import threading
+
+    server_identity = pki.issue("server", ips=["127.0.0.1"])
+    cert, key = pki.split(server_identity, "alpn-server")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert), str(key))
+    context.set_alpn_protocols(["http/1.1"])
+    listener = socket.create_server(("127.0.0.1", 0))
+    selected = []
+
+    def serve():
+        raw, _ = listener.accept()
+        with context.wrap_socket(raw, server_side=True) as connection:
+            selected.append(connection.selected_alpn_protocol())
+            connection.sendall(connection.recv(4))
+
+    threading.Thread(target=serve, daemon=True).start()
+    client = _client_tunnel(
+        start_tunnel, pki, tmp_path, f"127.0.0.1:{listener.getsockname()[1]}",
+        "--alpn", "h2,http/1.1",
+    )
+
+    assert _plain_echo(client.port) == b"ping"
+    assert selected == ["http/1.1"]
+    listener.close()

@@ -46,7 +46,9 @@ def test_split_pair_and_pkcs12_load_the_same_identity(pki):
     issued = pki.issue("server", key_type="rsa")
     cert, key = pki.split(issued, "pair")
 
-    pair = load_identity(IdentityFiles(cert=str(cert), key=str(key), cacert=str(pki.cacert)))
+    pair = load_identity(
+        IdentityFiles(cert=str(cert), key=str(key), cacert=str(pki.cacert))
+    )
     p12 = load_identity(
         IdentityFiles(
             keystore=str(pki.pkcs12(issued, "p", b"pw")), password="pw",
@@ -92,7 +94,8 @@ def test_broken_files_are_one_line_errors(pki, damage, message):
 
 
 def test_system_trust_store_is_the_default(pki):
-    identity = load_identity(IdentityFiles(keystore=str(pki.keystore(pki.issue("s"), "k"))))
+    keystore = pki.keystore(pki.issue("s"), "k")
+    identity = load_identity(IdentityFiles(keystore=str(keystore)))
 
     assert list(identity.bundles) == ["system"]
     assert identity.bundles["system"]
@@ -210,7 +213,8 @@ def test_policy_from_an_opa_bundle(tmp_path):
     with tarfile.open(bundle, "w:gz") as archive:
         for name, content in (
             ("/gate/policy.rego",
-             b"package gate\nallow if input.certificate.Subject.CommonName in data.names\n"),
+             b"package gate\n"
+             b"allow if input.certificate.Subject.CommonName in data.names\n"),
             ("/data.json", json.dumps({"names": ["c1"]}).encode()),
             ("/.manifest", b"{}"),
         ):
@@ -294,7 +298,8 @@ def test_client_checks_target_host_unless_overridden(pki):
     assert _parse(ClientOptions(), pki).server_name == "127.0.0.1"
     overridden = _parse(ClientOptions(), pki, "--override-server-name", "a.test")
     assert overridden.server_name == "a.test"
-    pinned = _parse(ClientOptions(), pki, "--verify-spki-pin", "sha256:" + "A" * 43 + "=")
+    pin = "sha256:" + "A" * 43 + "="
+    pinned = _parse(ClientOptions(), pki, "--verify-spki-pin", pin)
     assert pinned.server_name is None
 
 

@@ -92,10 +92,7 @@ def input_document(chain: list[x509.Certificate]) -> dict[str, object]:
     """
     leaf = chain[0]
     names = Names.of(leaf)
-    try:
-        spiffe_id = str(spiffe_id_of(leaf))
-    except Exception:
-        spiffe_id = None
+    spiffe_id = spiffe_id_of(leaf)
 
     certificate = {
         "Subject": _name(leaf.subject),
@@ -110,7 +107,7 @@ def input_document(chain: list[x509.Certificate]) -> dict[str, object]:
         "IPAddresses": list(names.ip_addresses),
         "EmailAddresses": _emails(leaf),
         "URIs": [_uri(text) for text in names.uris],
-        "SpiffeID": spiffe_id,
+        "SpiffeID": str(spiffe_id) if spiffe_id else None,
         "RawSubjectPublicKeyInfo": base64.b64encode(spki_der(leaf)).decode(),
     }
     return {
