@@ -13,11 +13,8 @@ import attrs
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
-    TCP4ServerEndpoint,
     TCP6ClientEndpoint,
-    TCP6ServerEndpoint,
     UNIXClientEndpoint,
-    UNIXServerEndpoint,
 )
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 
@@ -72,13 +69,13 @@ class Address:
 
     def server_endpoint(self, reactor, backlog: int = 1024) -> IStreamServerEndpoint:
         """
-        An endpoint that listens on this address.
+        An endpoint that listens on this address, made the way
+        L{ghosttwist.listeners} makes them (C{SO_REUSEPORT}, stale unix
+        sockets removed, systemd sockets adopted).
         """
-        if self.kind == "unix":
-            return UNIXServerEndpoint(reactor, self.path, backlog=backlog)
-        if ":" in self.host:
-            return TCP6ServerEndpoint(reactor, self.port, backlog, self.host)
-        return TCP4ServerEndpoint(reactor, self.port, backlog, self.host)
+        from ghosttwist.listeners import server_endpoint
+
+        return server_endpoint(self, reactor, backlog)
 
     def client_endpoint(self, reactor, timeout: float) -> IStreamClientEndpoint:
         """
