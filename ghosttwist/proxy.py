@@ -223,9 +223,11 @@ class Splice:
         self._dial = None
         if self.finished or failure.check(CancelledError):
             return
+        peer_id, _ = self._peer()
         _log_for(self.config, "conn-errs").warn(
-            "connection from {remote}: cannot reach {target}: {error}",
+            "connection from {remote} ({peer_id}): cannot reach {target}: {error}",
             remote=self.remote,
+            peer_id=peer_id,
             target=str(self.config.target),
             error=failure.getErrorMessage(),
         )
@@ -360,7 +362,7 @@ class Splice:
             remote=self.remote,
             reason=state.refusal,
             detail=state.detail,
-            peer_id=state.peer_id or _peer_id_from_chain(state),
+            peer_id=state.peer_name or state.peer_id or _peer_id_from_chain(state),
         )
         self.tunnel.refusals[state.refusal] = self.tunnel.refusals.get(state.refusal, 0) + 1
         self.tunnel.metrics.refused(state.refusal)
@@ -442,7 +444,8 @@ class Splice:
         state = handshake_state(tls_side.transport)
         if state is None:
             return "(not verified)", ""
-        return state.peer_id or "(no certificate)", state.decision
+        name = state.peer_name or state.peer_id
+        return name or "(no certificate)", state.decision
 
     def _log_open(self) -> None:
         peer_id, decision = self._peer()
@@ -520,7 +523,7 @@ def _ssl_error_text(error) -> str:
 def _peer_id_from_chain(state) -> str:
     leaf = state.chain.get(0)
     if leaf is None:
-        return "no certificate"
+        return "unknown"
     try:
         from ghosttwist.auth.svid import spiffe_id_of
 

@@ -23,7 +23,7 @@ from zope.interface import implementer
 
 from ghosttwist.auth.certnames import NameRules, Names, check_server_name
 from ghosttwist.auth.policy import Authorizer, Decision
-from ghosttwist.auth.svid import BundleVerifier, SvidError
+from ghosttwist.auth.svid import BundleVerifier, SvidError, spiffe_id_of
 from ghosttwist.identity import Identity
 
 log = Logger()
@@ -45,6 +45,8 @@ _OPENSSL_TEXT = {
     22: "certificate chain too long",
     24: "invalid CA certificate in chain",
     26: "unsupported certificate purpose",
+    37: "a certificate with CA markings used as a leaf",
+    79: "invalid CA certificate in chain",
 }
 
 # OpenSSL verification errors, mapped to the refusal reasons the tunnel logs.
@@ -60,7 +62,27 @@ _OPENSSL_REASONS = {
     22: "chain-too-long",
     24: "intermediate-not-ca",
     26: "key-usage",
+    37: "leaf-is-ca",
+    79: "intermediate-not-ca",
 }
+
+
+# SPIFFE rules about the leaf itself, as opposed to its chain.
+_LEAF_REASONS = frozenset(
+    {
+        "no-spiffe-id",
+        "multiple-uri-sans",
+        "invalid-spiffe-id",
+        "leaf-is-ca",
+        "key-usage",
+        "malformed-certificate",
+    }
+)
+
+
+def _refuse_from_openssl(state: HandshakeState, errno: int) -> None:
+    state.refusal = _OPENSSL_REASONS.get(errno, "untrusted-chain")
+    state.detail = _OPENSSL_TEXT.get(errno, f"OpenSSL verify error {errno}")
 
 
 @attrs.define
@@ -73,6 +95,9 @@ class HandshakeState:
 
     chain: dict[int, crypto.X509] = attrs.field(factory=dict)
     peer_id: str | None = None
+    # With identities from files: the peer's name for log lines (its first
+    # URI SAN, CN...); peer_id then holds only a SPIFFE ID from its leaf.
+    peer_name: str = ""
     refusal: str | None = None
     detail: str = ""
     decision: str = ""
@@ -95,18 +120,31 @@ class PeerPolicy:
         domain are checked here, at depth 0, before the handshake ends.
         """
         state: HandshakeState = connection.get_app_data().handshake
+        state.chain[depth] = certificate
 
         if not ok:
-            reason = _OPENSSL_REASONS.get(errno, "untrusted-chain")
-            state.refusal = reason
-            state.detail = _OPENSSL_TEXT.get(errno, f"OpenSSL verify error {errno}")
+            _refuse_from_openssl(state, errno)
+            if depth == 0:
+                self._name_leaf_defect(state)
             return False
 
-        state.chain[depth] = certificate
         if depth > 0:
             return True
 
         return self._verify_leaf(state)
+
+    def _name_leaf_defect(self, state: HandshakeState) -> None:
+        """
+        When OpenSSL refuses the leaf, a SPIFFE rule it breaks (a CA as
+        leaf, two URI SANs, missing key usage) names the refusal better
+        than OpenSSL's generic error does.
+        """
+        try:
+            self.verifier.authenticate([state.chain[0].to_cryptography()])
+        except SvidError as error:
+            if error.reason in _LEAF_REASONS:
+                state.refusal = error.reason
+                state.detail = error.detail
 
     def _verify_leaf(self, state: HandshakeState) -> bool:
         chain = [state.chain[depth].to_cryptography() for depth in sorted(state.chain)]
@@ -114,7 +152,7 @@ class PeerPolicy:
             spiffe_id = self.verifier.authenticate(chain)
         except SvidError as error:
             state.refusal = error.reason
-            state.detail = str(error)
+            state.detail = error.detail
             return False
 
         state.peer_id = str(spiffe_id)
@@ -158,9 +196,7 @@ class CertPolicy:
             return self._verify_pin(state, certificate.to_cryptography())
 
         if not ok:
-            reason = _OPENSSL_REASONS.get(errno, "untrusted-chain")
-            state.refusal = reason
-            state.detail = _OPENSSL_TEXT.get(errno, f"OpenSSL verify error {errno}")
+            _refuse_from_openssl(state, errno)
             return False
 
         state.chain[depth] = certificate
@@ -170,13 +206,15 @@ class CertPolicy:
         return self._verify_leaf(state)
 
     def _verify_pin(self, state: HandshakeState, leaf) -> bool:
-        state.peer_id = Names.of(leaf).describe()
+        # No CA vouches for the names in a pinned certificate: none of them,
+        # a SPIFFE ID included, is passed on as verified.
+        state.peer_name = Names.of(leaf).describe()
         return self._judge(state, self.rules.check(leaf))
 
     def _verify_leaf(self, state: HandshakeState) -> bool:
         chain = [state.chain[depth].to_cryptography() for depth in sorted(state.chain)]
         leaf = chain[0]
-        state.peer_id = Names.of(leaf).describe()
+        _name_peer(state, leaf)
 
         if self.server_name is not None:
             problem = check_server_name(leaf, self.server_name)
@@ -208,6 +246,12 @@ class CertPolicy:
             state.refusal = "unauthorized"
             state.detail = decision.reason
         return decision.allowed
+
+
+def _name_peer(state: HandshakeState, leaf) -> None:
+    spiffe_id = spiffe_id_of(leaf)
+    state.peer_id = str(spiffe_id) if spiffe_id else None
+    state.peer_name = Names.of(leaf).describe()
 
 
 _TLS_VERSIONS = {"TLS1.2": SSL.TLS1_2_VERSION, "TLS1.3": SSL.TLS1_3_VERSION}
