@@ -1,7 +1,7 @@
 """
 In memory: PROXY v2 headers read back with Twisted's own parser (each
 address family, and the TLVs after the addresses), the connection limit's
-gate, and C{--proxy} URLs.
+gate, C{--proxy} URLs and the CONNECT and SOCKS5 exchanges.
 """
 
 from __future__ import annotations
@@ -11,11 +11,22 @@ import struct
 
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import (
+    MemoryReactorClock,
+    StringTransportWithDisconnection,
+)
 from twisted.protocols.haproxy._v2parser import V2Parser
 
 from ghosttwist import proxyproto
+from ghosttwist.addresses import Address
 from ghosttwist.limits import ConnectionLimit
-from ghosttwist.outbound import InvalidProxyURL, parse_proxy_url
+from ghosttwist.outbound import (
+    InvalidProxyURL,
+    ProxiedEndpoint,
+    ProxyError,
+    parse_proxy_url,
+)
 from ghosttwist.proxy import ConnectionTracker
 
 
@@ -178,3 +189,67 @@ def test_bad_proxy_url_message_hides_the_password():
         parse_proxy_url("http://user:hunter2@h")
 
     assert "hunter2" not in str(raised.value)
+
+
+class _Recorder(Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+def _dial(url: str):
+    """
+    Dial 127.0.0.1:8443 through C{url} on a memory reactor; return the
+    result Deferred and the proxy side's transport and protocol.
+    """
+    reactor = MemoryReactorClock()
+    endpoint = ProxiedEndpoint(
+        reactor, parse_proxy_url(url), Address("tcp", host="127.0.0.1", port=8443), 5
+    )
+    dialing = endpoint.connect(Factory.forProtocol(_Recorder))
+    host, port, factory, _, _ = reactor.tcpClients[0]
+    protocol = factory.buildProtocol(None)
+    transport = StringTransportWithDisconnection()
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    return (host, port), dialing, transport, protocol
+
+
+def test_http_connect_hands_the_connection_over():
+    address, dialing, transport, proxy_side = _dial("http://u:p@127.0.0.1:3128")
+
+    request = transport.value()
+    proxy_side.dataReceived(b"HTTP/1.1 200 OK\r\n\r\nearly bytes")
+    protocol = dialing.result
+
+    assert address == ("127.0.0.1", 3128)
+    assert request.startswith(b"CONNECT 127.0.0.1:8443 HTTP/1.1\r\n")
+    assert b"Proxy-Authorization: Basic dTpw\r\n" in request
+    assert protocol.received == b"early bytes"
+
+
+def test_http_connect_refusal_fails_the_dial():
+    _, dialing, transport, proxy_side = _dial("http://127.0.0.1:3128")
+    failures = []
+    dialing.addErrback(failures.append)
+
+    proxy_side.dataReceived(b"HTTP/1.1 403 Forbidden\r\n\r\n")
+
+    assert len(failures) == 1
+    assert isinstance(failures[0].value, ProxyError)
+    assert "403 Forbidden" in str(failures[0].value)
+    assert not transport.connected
+
+
+def test_socks5_asks_for_the_target_by_address():
+    _, dialing, transport, proxy_side = _dial("socks5://127.0.0.1:1080")
+
+    assert transport.value() == b"\x05\x01\x00"
+    transport.clear()
+    proxy_side.dataReceived(b"\x05\x00")
+    assert transport.value() == b"\x05\x01\x00\x01\x7f\x00\x00\x01\x20\xfb"
+    proxy_side.dataReceived(b"\x05\x00\x00\x01\x7f\x00\x00\x01\x00\x00")
+
+    assert isinstance(dialing.result, _Recorder)
