@@ -6,6 +6,8 @@ C{unix:PATH}, and the Workload API address forms of the SPIFFE specification.
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -114,10 +116,13 @@ def parse_address(text: str, *, flag: str, allow_port_zero: bool = False) -> Add
         )
 
     if text.startswith("unix:"):
-        path = text[len("unix:"):]
-        if not path:
-            raise InvalidAddress(f"{flag} {text!r}: the unix socket path is empty")
-        return Address("unix", path=path)
+        return Address("unix", path=_unix_path(text, flag))
+
+    if "://" in text:
+        raise InvalidAddress(
+            f"{flag} {text!r}: write HOST:PORT or unix:PATH, without a "
+            "scheme such as tcp://"
+        )
 
     host, sep, port_text = text.rpartition(":")
     if not sep or not host:
@@ -133,7 +138,8 @@ def parse_address(text: str, *, flag: str, allow_port_zero: bool = False) -> Add
             f"{flag} {text!r}: write an IPv6 address in brackets, as [::1]:8443"
         )
 
-    if not port_text.isdigit() or not (0 <= int(port_text) <= 65535):
+    _check_host(flag, text, host)
+    if not _ascii_number(port_text) or not (0 <= int(port_text) <= 65535):
         raise InvalidAddress(f"{flag} {text!r}: the port must be a number from 1 to 65535")
 
     port = int(port_text)
@@ -143,7 +149,61 @@ def parse_address(text: str, *, flag: str, allow_port_zero: bool = False) -> Add
     return Address("tcp", host=host, port=port)
 
 
+_UNIX_PATH_MAX = 107
+_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?")
+
+
+def _ascii_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def _unix_path(text: str, flag: str) -> str:
+    path = text[len("unix:"):]
+    if not path:
+        raise InvalidAddress(f"{flag} {text!r}: the unix socket path is empty")
+    if path.startswith("//"):
+        raise InvalidAddress(
+            f"{flag} {text!r}: unix: takes a path, as unix:/run/app.sock; "
+            "'//' would make part of it a host name"
+        )
+    if len(os.fsencode(path)) > _UNIX_PATH_MAX:
+        raise InvalidAddress(
+            f"{flag} {text!r}: unix socket paths are limited to "
+            f"{_UNIX_PATH_MAX} bytes"
+        )
+    return path
+
+
+def _check_host(flag: str, text: str, host: str) -> None:
+    """
+    Refuse a host that is neither an IP address nor a well-formed DNS name,
+    so the mistake is caught before anything listens.
+    """
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    valid = (
+        host.isascii()
+        and 0 < len(name) <= 253
+        and all(_LABEL.fullmatch(label) for label in labels)
+        and not all(label.isdigit() for label in labels)
+    )
+    if not valid:
+        raise InvalidAddress(
+            f"{flag} {text!r}: {host!r} is neither an IP address nor a host name"
+        )
+
+
 def _check_ipv6(flag: str, text: str, host: str) -> None:
+    if "%" in host:
+        raise InvalidAddress(
+            f"{flag} {text!r}: scoped IPv6 addresses (with %zone) are not supported"
+        )
     try:
         ipaddress.IPv6Address(host)
     except ValueError:
@@ -214,9 +274,19 @@ def _parse_unix_workload(text: str, parts) -> WorkloadApiAddress:
             f"host goes, not the path; did you mean {fixed}?"
         )
 
-    if parts.query or parts.fragment or not parts.path.startswith("/"):
+    if (
+        parts.query
+        or parts.fragment
+        or not parts.path.startswith("/")
+        or parts.path.endswith("/")
+    ):
         raise InvalidAddress(
             f"Workload API address {text!r}: expected unix:///absolute/path"
+        )
+    if len(os.fsencode(parts.path)) > _UNIX_PATH_MAX:
+        raise InvalidAddress(
+            f"Workload API address {text!r}: unix socket paths are limited to "
+            f"{_UNIX_PATH_MAX} bytes"
         )
 
     return WorkloadApiAddress(uri=f"unix://{parts.path}", kind="unix", path=parts.path)

@@ -20,7 +20,10 @@ _UNITS = {
     "h": 3600.0,
 }
 
-_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|ms|s|m|h)")
+
+# Go's durations stop near 292 years; anything longer is a typo.
+MAX_SECONDS = 290 * 365 * 24 * 3600.0
 
 
 class InvalidDuration(ValueError):
@@ -54,6 +57,8 @@ def parse_duration(text: str) -> float:
         total += float(match.group(1)) * _UNITS[match.group(2)]
         position = match.end()
 
+    if total > MAX_SECONDS:
+        raise InvalidDuration(f"duration {text!r} is out of range (290 years at most)")
     return total
 
 

@@ -75,11 +75,14 @@ def _holder(identity: Identity, server: bool, allowed: tuple[str, ...]):
     return holder
 
 
-def _connect(allowed_client: tuple[str, ...] = ("spiffe://domain.test/frontend",)):
+def _connect(
+    allowed_client: tuple[str, ...] = ("spiffe://domain.test/frontend",),
+    client_identity: Identity | None = None,
+):
     clock = Clock()
     server_holder = _holder(_identity("spiffe://domain.test/backend"), True, allowed_client)
     client_holder = _holder(
-        _identity("spiffe://domain.test/frontend"),
+        client_identity or _identity("spiffe://domain.test/frontend"),
         False,
         ("spiffe://domain.test/backend",),
     )
@@ -165,3 +168,23 @@ def test_context_swap_leaves_open_connections_alone():
     holder.update(_identity("spiffe://domain.test/backend"))
 
     assert holder.context is not before
+
+
+def test_a_ca_as_leaf_is_refused_with_the_spiffe_reason():
+    """
+    When OpenSSL refuses a leaf that breaks a SPIFFE rule, the refusal names
+    the rule, not OpenSSL's generic error, and names the peer's ID.
+    """
+    ca_leaf = certs.issue(
+        "not a leaf", issuer=_CA, ca=True, uris=["spiffe://domain.test/frontend"],
+        **_VALID,
+    )
+    identity = Identity(
+        chain=(ca_leaf.cert,), key=ca_leaf.key, bundles={"domain.test": (_CA.cert,)}
+    )
+
+    client, server, pump = _connect(client_identity=identity)
+
+    assert not server.app.handshake
+    assert server.handshake.refusal == "leaf-is-ca"
+    assert not server.handshake.detail.startswith("leaf-is-ca")

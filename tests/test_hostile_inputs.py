@@ -3,8 +3,6 @@ Hostile command-line values found by adversarial testing: each must be
 refused while the flags are parsed (one line, exit 2), not accepted and
 left to fail, or crash, once the process runs.
 
-Tests marked xfail(strict=True) record a bug that is still open; fixing it
-turns the test into a failure until the mark is removed.
 """
 
 from __future__ import annotations
@@ -21,10 +19,6 @@ from ghosttwist.devagent.options import DevAgentOptions
 from ghosttwist.durations import InvalidDuration, parse_duration
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="\\d in the duration pattern matches any Unicode digit: '١٠s' is 10s",
-)
 @pytest.mark.parametrize("text", ["١٠s", "１０s", "5m１s"])
 def test_duration_refuses_non_ascii_digits(text: str) -> None:
     """
@@ -34,10 +28,6 @@ def test_duration_refuses_non_ascii_digits(text: str) -> None:
         parse_duration(text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="str.isdigit accepts fullwidth digits: 127.0.0.1:８０ listens on 80",
-)
 def test_address_refuses_non_ascii_port() -> None:
     """
     A port written in fullwidth digits is refused, not read as a number.
@@ -46,10 +36,6 @@ def test_address_refuses_non_ascii_port() -> None:
         parse_address("127.0.0.1:８０", flag="--listen")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a path over 107 bytes reaches grpcio, which logs C-core errors",
-)
 def test_workload_api_refuses_unix_path_too_long() -> None:
     """
     A unix socket path longer than Linux can bind is refused up front.
@@ -58,7 +44,6 @@ def test_workload_api_refuses_unix_path_too_long() -> None:
         parse_workload_api_address("unix:///" + "c" * 200)
 
 
-@pytest.mark.xfail(strict=True, reason="unix:/// (the root folder) is accepted")
 def test_workload_api_refuses_root_folder() -> None:
     """
     C{unix:///} names a folder, never a socket.
@@ -80,10 +65,6 @@ def _dev_agent(tmp_path, *flags: str) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="accepted; the agent then dies with OverflowError in timedelta",
-)
 def test_dev_agent_refuses_svid_ttl_out_of_range(tmp_path) -> None:
     """
     A TTL no certificate can carry is a flag error, not a traceback later.
@@ -92,11 +73,6 @@ def test_dev_agent_refuses_svid_ttl_out_of_range(tmp_path) -> None:
         _dev_agent(tmp_path, "--svid-ttl", "99999999999999h")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="accepted; the agent then rotates its CA every second and logs "
-    "'cannot issue an SVID' forever",
-)
 def test_dev_agent_refuses_ca_ttl_shorter_than_svid_ttl(tmp_path) -> None:
     """
     A CA that expires before the SVIDs it signs cannot serve anyone.

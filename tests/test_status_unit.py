@@ -74,7 +74,8 @@ def _render(health: TunnelHealth, backend_error: str | None = None):
 
 
 def test_healthy_tunnel_answers_200_with_its_identity():
-    code, document = _render(_health(NOW + datetime.timedelta(hours=1)))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    code, document = _render(_health(now + datetime.timedelta(hours=1)))
 
     assert code == 200
     assert (document["ok"], document["status"], document["message"]) == (

@@ -167,7 +167,8 @@ def test_spiffe_id_from_another_ca_is_refused(tmp_path, agent, backend, start_tu
             assert conn.recv(100) == b""
 
     log = server.wait_for_log("refused connection")
-    assert "untrusted-chain" in log
+    assert "untrusted-chain: issuer not in any trust bundle" in log
+    assert "(peer spiffe://domain.test/frontend)" in log
     assert backend.accepted == 0
 
 

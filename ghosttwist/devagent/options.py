@@ -64,6 +64,11 @@ class DevAgentOptions(usage.Options):
         trust_domain = _trust_domain(self["trust-domain"])
         svid_ttl = _ttl("--svid-ttl", self["svid-ttl"])
         ca_ttl = _ttl("--ca-ttl", self["ca-ttl"])
+        if ca_ttl <= svid_ttl and not self["ca"]:
+            raise usage.UsageError(
+                f"--ca-ttl {self['ca-ttl']} must be longer than --svid-ttl "
+                f"{self['svid-ttl']}: a CA cannot sign SVIDs that outlive it"
+            )
         workloads = _workloads(self["workload"], trust_domain)
         federated = _federations(self["federate-with"], trust_domain)
         ca = _given_ca(self["ca"], self["ca-key"])
