@@ -613,3 +613,51 @@ def test_alpn_client_offers_its_protocols(tmp_path, pki, start_tunnel):
     assert _plain_echo(client.port) == b"ping"
     assert selected == ["http/1.1"]
     listener.close()
+
+
+# The documented openssl PKI.
+
+
+def _doc_blocks(name: str) -> list[str]:
+    import re
+
+    from tests.processes import REPOSITORY
+
+    text = (REPOSITORY / "docs" / name).read_text()
+    return re.findall(r"```sh\n(.*?)```", text, re.S)
+
+
+def test_documented_openssl_pki_works(tmp_path, backend, start_tunnel):
+    """
+    The certificates docs/files.md makes with the openssl command line
+    serve the documented server and client, a PKCS#12 export of them
+    loads, and the documented pin command agrees with --allow-spki-pin.
+    """
+    from cryptography import x509
+
+    pki_script = _doc_blocks("files.md")[0].replace("/tmp/gt-demo", str(tmp_path))
+    subprocess.run(["bash", "-ec", pki_script], check=True, capture_output=True)
+    p12_script = _doc_blocks("files.md")[2]
+    subprocess.run(
+        ["bash", "-ec", p12_script], check=True, capture_output=True, cwd=tmp_path
+    )
+
+    server = start_tunnel(
+        "server", backend.address, "--keystore", "server.p12",
+        "--storepass", "s3cret", "--cacert", "ca.pem", "--allow-cn", "client1",
+    )
+    client = start_tunnel(
+        "client", f"localhost:{server.port}", "--cert", "client1-cert.pem",
+        "--key", "client1-key.pem", "--cacert", "ca.pem", name="doc-client",
+    )
+    assert _plain_echo(client.port) == b"ping"
+
+    pin_command = next(
+        block for block in _doc_blocks("access-control.md") if "dgst" in block
+    )
+    printed = subprocess.run(
+        ["bash", "-ec", pin_command], check=True, capture_output=True, text=True,
+        cwd=tmp_path,
+    ).stdout.strip()
+    leaf = x509.load_pem_x509_certificate((tmp_path / "client1-cert.pem").read_bytes())
+    assert f"sha256:{printed}" == spki_pin(leaf)
