@@ -567,3 +567,120 @@ def test_client_without_certificate_is_refused(tmp_path, agent, backend, start_t
     log = server.wait_for_log("refused connection")
     assert "no-certificate" in log
     assert backend.accepted == 0
+
+
+def _forward(listener: socket.socket, connect) -> None:
+    """
+    Accept on C{listener} and shuttle bytes to a fresh C{connect()} socket,
+    both ways, until either side closes.
+    """
+    def pump(source, sink):
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    while True:
+        try:
+            accepted, _ = listener.accept()
+        except OSError:
+            return
+        upstream = connect()
+        threading.Thread(target=pump, args=(accepted, upstream), daemon=True).start()
+        threading.Thread(target=pump, args=(upstream, accepted), daemon=True).start()
+
+
+def test_workload_api_over_tcp(agent, backend, start_tunnel):
+    """
+    A tcp://IP:PORT Workload API address works: here a loopback TCP port
+    forwards to the dev agent's unix socket.
+    """
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def to_agent():
+        upstream = socket.socket(socket.AF_UNIX)
+        upstream.connect(str(agent.sockets["backend"]))
+        return upstream
+
+    threading.Thread(target=_forward, args=(listener, to_agent), daemon=True).start()
+    try:
+        server = start_tunnel(
+            "server", backend.address,
+            "--use-workload-api-addr", f"tcp://127.0.0.1:{port}",
+            "--allow-uri", "spiffe://domain.test/frontend",
+        )
+        client = start_tunnel(
+            "client", server.address,
+            "--use-workload-api-addr", agent.address("frontend"),
+        )
+
+        assert "identity updated: spiffe://domain.test/backend" in server.log
+        assert _round_trip(client, b"agent over tcp") == b"agent over tcp"
+    finally:
+        listener.close()
+
+
+def test_unix_sockets_on_both_sides(tmp_path, agent, start_tunnel):
+    """
+    The client tunnel listens on a unix socket and the server tunnel
+    forwards to a unix-socket backend.
+    """
+    backend_path = tmp_path / "echo-backend.sock"
+    backend_listener = socket.socket(socket.AF_UNIX)
+    backend_listener.bind(str(backend_path))
+    backend_listener.listen()
+
+    def serve():
+        connection, _ = backend_listener.accept()
+        with connection:
+            connection.sendall(b"unix says " + recv_all(connection, 5))
+
+    threading.Thread(target=serve, daemon=True).start()
+    server = start_tunnel(
+        "server", f"unix:{backend_path}",
+        "--use-workload-api-addr", agent.address("backend"),
+        "--allow-uri", "spiffe://domain.test/frontend",
+    )
+    client_path = tmp_path / "client.sock"
+    client = Process(
+        twistd(
+            "client", "--listen", f"unix:{client_path}", "--target", server.address,
+            "--use-workload-api-addr", agent.address("frontend"),
+        ),
+        tmp_path / "unix-client.log",
+    )
+    try:
+        client.wait_for_log("listening on")
+        with socket.socket(socket.AF_UNIX) as connection:
+            connection.settimeout(15)
+            connection.connect(str(client_path))
+            connection.sendall(b"hello")
+            assert recv_all(connection) == b"unix says hello"
+    finally:
+        client.stop()
+        backend_listener.close()
+
+
+def test_installed_plugin_is_found_without_the_checkout(tmp_path):
+    """
+    twistd finds the ghosttwist plugin from the installed package alone, as
+    after `pip install .` (no checkout on the path, run from elsewhere).
+    """
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+
+    result = subprocess.run(
+        twistd("server", "--help"), capture_output=True, text=True,
+        timeout=60, env=env, cwd=tmp_path,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "--allow-uri" in result.stdout
