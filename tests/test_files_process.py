@@ -661,3 +661,22 @@ def test_documented_openssl_pki_works(tmp_path, backend, start_tunnel):
     ).stdout.strip()
     leaf = x509.load_pem_x509_certificate((tmp_path / "client1-cert.pem").read_bytes())
     assert f"sha256:{printed}" == spki_pin(leaf)
+
+
+def test_reload_picks_up_a_new_ca_bundle(tmp_path, pki, backend, start_tunnel):
+    """
+    --cacert is read again on reload: a client of a CA added to the bundle
+    is let in by new connections.
+    """
+    _, keystore = _server_identity(pki, tmp_path)
+    server = _server(start_tunnel, backend, pki, keystore, "--allow-cn", "client1")
+    other = Pki(tmp_path, "other")
+    newcomer = _client_context(tmp_path, other, other.issue("client1"), name="new")
+    newcomer.load_verify_locations(cafile=str(pki.cacert))
+    assert _refused(server.port, newcomer)
+
+    pki.cacert.write_bytes(pem(pki.root.cert, other.root.cert))
+    server.signal(signal.SIGHUP)
+    server.wait_for_log("reload (SIGHUP): read")
+
+    assert _echo_through(server.port, newcomer)[0] == b"ping"
