@@ -160,7 +160,10 @@ def header(
     family, block = addresses(source, destination)
     records = b""
     if mode in ("tls", "tls-full") and connection is not None:
-        records += tls_tlvs(connection, mode, verified=spiffe_id is not None)
+        # The tunnel reaches this point only after its own verification has
+        # accepted whatever certificate the peer presented (SPIFFE rules,
+        # name rules or a pin), so a certificate here is a verified one.
+        records += tls_tlvs(connection, mode, verified=True)
     if spiffe_id:
         records += tlv(PP2_TYPE_SPIFFE_ID, spiffe_id.encode())
 
