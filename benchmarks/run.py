@@ -44,7 +44,12 @@ ROOT = HERE.parent
 DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
-PACKAGES = {"iperf3": "iperf3", "wrk": "wrk", "nginx": "nginx-light", "stunnel4": "stunnel4"}
+PACKAGES = {
+    "iperf3": "iperf3",
+    "wrk": "wrk",
+    "nginx": "nginx-light",
+    "stunnel4": "stunnel4",
+}
 TRUST_DOMAIN = "domain.test"
 CLIENT_ID = f"spiffe://{TRUST_DOMAIN}/frontend"
 SERVER_ID = f"spiffe://{TRUST_DOMAIN}/backend"
@@ -229,7 +234,8 @@ class Bench:
     def start_backends(self) -> None:
         self.iperf_port = free_port()
         self.spawn(
-            ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(self.iperf_port)], "iperf3.log"
+            ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(self.iperf_port)],
+            "iperf3.log",
         )
         self.nginx_port = free_port()
         root = self.tmp / "www"
@@ -259,8 +265,15 @@ http {{
 """
         )
         self.spawn(
-            [_which("nginx"), "-c", str(conf), "-p", str(self.tmp), "-e",
-             str(self.tmp / "nginx-error.log")],
+            [
+                _which("nginx"),
+                "-c",
+                str(conf),
+                "-p",
+                str(self.tmp),
+                "-e",
+                str(self.tmp / "nginx-error.log"),
+            ],
             "nginx.log",
         )
         for port in (self.iperf_port, self.nginx_port):
@@ -306,7 +319,10 @@ http {{
                     False,
                 ).add_extension(
                     x509.ExtendedKeyUsage(
-                        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                        [
+                            ExtendedKeyUsageOID.SERVER_AUTH,
+                            ExtendedKeyUsageOID.CLIENT_AUTH,
+                        ]
                     ),
                     False,
                 )
@@ -365,7 +381,9 @@ verifyChain = yes
 requireCert = yes
 """
                 )
-                proc = self.spawn([_which("stunnel4"), str(conf)], f"stunnel-{backend}-{role}.log")
+                proc = self.spawn(
+                    [_which("stunnel4"), str(conf)], f"stunnel-{backend}-{role}.log"
+                )
                 pids.append(proc.pid)
             wait_for(lambda: port_answers(client_port), "stunnel")
             ports[backend] = client_port
@@ -377,18 +395,35 @@ requireCert = yes
         for backend in ("iperf", "nginx"):
             server_port, client_port = free_port(), free_port()
             target = self.iperf_port if backend == "iperf" else self.nginx_port
-            server_log, client_log = f"gt-{backend}-server.log", f"gt-{backend}-client.log"
+            server_log, client_log = (
+                f"gt-{backend}-server.log",
+                f"gt-{backend}-client.log",
+            )
             server = self.twistd(
-                "server", "--listen", f"127.0.0.1:{server_port}",
-                "--target", f"127.0.0.1:{target}",
-                "--use-workload-api-addr", f"unix://{self.sockets['backend']}",
-                "--allow-uri", CLIENT_ID, *extra, log=server_log,
+                "server",
+                "--listen",
+                f"127.0.0.1:{server_port}",
+                "--target",
+                f"127.0.0.1:{target}",
+                "--use-workload-api-addr",
+                f"unix://{self.sockets['backend']}",
+                "--allow-uri",
+                CLIENT_ID,
+                *extra,
+                log=server_log,
             )
             client = self.twistd(
-                "client", "--listen", f"127.0.0.1:{client_port}",
-                "--target", f"127.0.0.1:{server_port}",
-                "--use-workload-api-addr", f"unix://{self.sockets['frontend']}",
-                "--verify-uri", SERVER_ID, *extra, log=client_log,
+                "client",
+                "--listen",
+                f"127.0.0.1:{client_port}",
+                "--target",
+                f"127.0.0.1:{server_port}",
+                "--use-workload-api-addr",
+                f"unix://{self.sockets['frontend']}",
+                "--verify-uri",
+                SERVER_ID,
+                *extra,
+                log=client_log,
             )
             self.wait_log(server_log, "listening on", server)
             self.wait_log(client_log, "listening on", client)
@@ -400,9 +435,19 @@ requireCert = yes
 
     def iperf(self, port: int) -> float:
         out = subprocess.run(
-            ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(self.args.seconds),
-             "-J"],
-            capture_output=True, text=True, timeout=self.args.seconds + 60,
+            [
+                "iperf3",
+                "-c",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-t",
+                str(self.args.seconds),
+                "-J",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=self.args.seconds + 60,
         )
         data = json.loads(out.stdout)
         if "error" in data:
@@ -410,13 +455,23 @@ requireCert = yes
         return data["end"]["sum_received"]["bits_per_second"] / 8 / 1e6
 
     def wrk(self, port: int, close: bool) -> dict[str, float]:
-        argv = ["wrk", "-t", str(self.args.threads), "-c", str(self.args.connections),
-                "-d", f"{self.args.seconds}s", "--latency"]
+        argv = [
+            "wrk",
+            "-t",
+            str(self.args.threads),
+            "-c",
+            str(self.args.connections),
+            "-d",
+            f"{self.args.seconds}s",
+            "--latency",
+        ]
         if close:
             argv += ["-H", "Connection: close"]
         out = subprocess.run(
             [*argv, f"http://127.0.0.1:{port}/"],
-            capture_output=True, text=True, timeout=self.args.seconds + 60,
+            capture_output=True,
+            text=True,
+            timeout=self.args.seconds + 60,
         ).stdout
         rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
         errors = re.search(r"Socket errors: (.*)", out)
@@ -451,12 +506,14 @@ requireCert = yes
                     wanted = base_backend + len(sockets)
                     wait_for(
                         lambda: established_to(self.nginx_port) >= wanted,
-                        "idle connections to reach nginx", 60,
+                        "idle connections to reach nginx",
+                        60,
                     )
             wanted = base_backend + len(sockets)
             wait_for(
                 lambda: established_to(self.nginx_port) >= wanted,
-                "idle connections to reach nginx", 60,
+                "idle connections to reach nginx",
+                60,
             )
             time.sleep(0.5)  # let allocator settle; a measurement, not a sync
             after = sum(rss_kib(pid) for pid in pids)
@@ -465,7 +522,8 @@ requireCert = yes
                 sock.close()
         wait_for(
             lambda: established_to(self.nginx_port) <= base_backend + 5,
-            "idle connections to close", 60,
+            "idle connections to close",
+            60,
         )
         return (after - before) / len(sockets)
 
@@ -477,9 +535,21 @@ requireCert = yes
         out.mkdir(parents=True, exist_ok=True)
         return [
             subprocess.Popen(
-                [spy, "record", "-p", str(pid), "-d", str(self.args.seconds),
-                 "-f", "raw", "-o", str(out / f"{name}-{pid}.txt"), "--nonblocking"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                [
+                    spy,
+                    "record",
+                    "-p",
+                    str(pid),
+                    "-d",
+                    str(self.args.seconds),
+                    "-f",
+                    "raw",
+                    "-o",
+                    str(out / f"{name}-{pid}.txt"),
+                    "--nonblocking",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
             for pid in pids
         ]
@@ -520,8 +590,12 @@ requireCert = yes
                 nginx_pids = pids[len(pids) // 2 :]
                 memory = self.memory(nginx_port, nginx_pids)
                 results[name].append(
-                    {"bulk": bulk, "keepalive": keepalive, "close": close,
-                     "memory": memory}
+                    {
+                        "bulk": bulk,
+                        "keepalive": keepalive,
+                        "close": close,
+                        "memory": memory,
+                    }
                 )
                 print(f"  {json.dumps(results[name][-1])}", file=sys.stderr)
                 for proc in [p for p in self.procs if p not in before]:

@@ -174,6 +174,7 @@ class Splice:
     # Setting up.
 
     def side_connected(self, side: _Side) -> None:
+        _no_delay(side.transport)
         if side is self.inbound:
             self._accepted()
         elif not side.tls:
@@ -484,6 +485,22 @@ def _log_for(config: TunnelConfig, kind: str) -> Logger:
     to leave that kind out.
     """
     return _silent if kind in config.quiet else log
+
+
+def _no_delay(transport) -> None:
+    """
+    Turn Nagle's algorithm off on a TCP transport (through a TLS wrapper):
+    a tunnel forwards each chunk as it comes, and Nagle holding a small
+    write back until the peer's delayed ACK costs tens of milliseconds per
+    request-response turn. Other transports (unix sockets) are left alone.
+    """
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is None:
+        return
+    try:
+        set_no_delay(True)
+    except OSError:
+        pass
 
 
 def _describe(address) -> str:

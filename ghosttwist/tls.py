@@ -112,6 +112,10 @@ class PeerPolicy:
 
     verifier: BundleVerifier
     authorizer: Authorizer
+    # Set by build_context when the context's OpenSSL store holds exactly
+    # the verifier's CAs: the chain OpenSSL verified is then not verified
+    # again when that is one trust domain (see authenticate_verified_path).
+    store_is_verifiers: bool = False
 
     def verify(self, connection, certificate, errno, depth, ok) -> bool:
         """
@@ -149,7 +153,10 @@ class PeerPolicy:
     def _verify_leaf(self, state: HandshakeState) -> bool:
         chain = [state.chain[depth].to_cryptography() for depth in sorted(state.chain)]
         try:
-            spiffe_id = self.verifier.authenticate(chain)
+            if self.store_is_verifiers:
+                spiffe_id = self.verifier.authenticate_verified_path(chain)
+            else:
+                spiffe_id = self.verifier.authenticate(chain)
         except SvidError as error:
             state.refusal = error.reason
             state.detail = error.detail
@@ -297,12 +304,24 @@ def build_context(
         for ca in cas:
             store.add_cert(crypto.X509.from_cryptography(ca))
 
+    if isinstance(policy, PeerPolicy) and _same_cas(identity, policy.verifier):
+        policy = attrs.evolve(policy, store_is_verifiers=True)
+
     mode = SSL.VERIFY_PEER
     if server:
         mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
     context.set_verify(mode, policy.verify)
     context.set_verify_depth(MAX_CHAIN_DEPTH)
     return context
+
+
+def _same_cas(identity: Identity, verifier: BundleVerifier) -> bool:
+    """
+    Whether the store filled from C{identity}'s bundles holds exactly the
+    CAs of C{verifier}.
+    """
+    ours = {str(name): tuple(cas) for name, cas in identity.bundles.items()}
+    return ours == dict(verifier.bundles)
 
 
 def _negotiate(context: SSL.Context, alpn: tuple[str, ...], server: bool) -> None:

@@ -294,6 +294,35 @@ class BundleVerifier:
         @return: the leaf's SPIFFE ID.
         @raise SvidError: saying why the chain is refused.
         """
+        spiffe_id, trust_domain = self._check_rules(chain)
+        self._verify_path(spiffe_id, trust_domain, chain[0], chain[1:], now)
+        return spiffe_id
+
+    def authenticate_verified_path(self, path: Sequence[x509.Certificate]) -> SpiffeId:
+        """
+        Like L{authenticate}, for a C{path} (leaf first, trust anchor last)
+        that OpenSSL has just built and verified, at the current time,
+        against a store holding exactly this verifier's CAs.
+
+        When this verifier holds one trust domain, that store I{is} the
+        peer's own trust domain's store, and verifying the path again would
+        repeat the same signature and validity checks: only the SPIFFE
+        rules are checked. With several trust domains the store OpenSSL
+        used binds no CA to its domain, so the path is verified again
+        against the peer's own domain, as L{authenticate} does.
+
+        @raise SvidError: saying why the chain is refused.
+        """
+        if len(self._stores) != 1:
+            return self.authenticate(path)
+        spiffe_id, _ = self._check_rules(path)
+        _check_path_shape(spiffe_id, len(path), path[1:-1])
+        return spiffe_id
+
+    def _check_rules(self, chain: Sequence[x509.Certificate]) -> tuple[SpiffeId, str]:
+        """
+        The SPIFFE rules on what the peer sent, and its trust domain.
+        """
         if not chain:
             raise SvidError("no-certificate", "the peer sent no certificate")
 
@@ -320,9 +349,7 @@ class BundleVerifier:
                 f"{spiffe_id} is in trust domain {trust_domain!r}, "
                 "for which we have no bundle",
             )
-
-        self._verify_path(spiffe_id, trust_domain, leaf, intermediates, now)
-        return spiffe_id
+        return spiffe_id, trust_domain
 
     def _verify_path(
         self,
@@ -358,22 +385,34 @@ class BundleVerifier:
                 "untrusted-chain", f"{spiffe_id}: OpenSSL could not verify: {e}"
             ) from None
 
-        if len(path) < 2:
-            raise SvidError(
-                "untrusted-chain",
-                f"{spiffe_id}: the leaf is itself in the bundle; a leaf SVID "
-                "must be issued by a CA",
-            )
+        _check_path_shape(
+            spiffe_id, len(path), [cert.to_cryptography() for cert in path[1:-1]]
+        )
 
-        if len(path) - 2 > MAX_INTERMEDIATES:
-            raise SvidError(
-                "chain-too-long",
-                f"{spiffe_id} verifies only through {len(path) - 2} "
-                f"intermediates; at most {MAX_INTERMEDIATES} are accepted",
-            )
 
-        for cert in path[1:-1]:
-            _check_signing_certificate(cert.to_cryptography())
+def _check_path_shape(
+    spiffe_id: SpiffeId, length: int, middle: Sequence[x509.Certificate]
+) -> None:
+    """
+    The rules on a verified path: the leaf is issued by a CA, through at
+    most L{MAX_INTERMEDIATES} intermediates, each allowed to sign.
+    """
+    if length < 2:
+        raise SvidError(
+            "untrusted-chain",
+            f"{spiffe_id}: the leaf is itself in the bundle; a leaf SVID "
+            "must be issued by a CA",
+        )
+
+    if length - 2 > MAX_INTERMEDIATES:
+        raise SvidError(
+            "chain-too-long",
+            f"{spiffe_id} verifies only through {length - 2} "
+            f"intermediates; at most {MAX_INTERMEDIATES} are accepted",
+        )
+
+    for cert in middle:
+        _check_signing_certificate(cert)
 
 
 def authenticate(
