@@ -64,6 +64,8 @@ class TunnelConfig:
     @ivar metrics_url: a URL metrics are POSTed to as JSON.
     @ivar metrics_interval: seconds between pushes.
     @ivar enable_shutdown: whether C{POST /_shutdown} stops the tunnel.
+    @ivar workers: under twistd, processes sharing the listening socket;
+        1 runs the tunnel in the twistd process itself.
     """
 
     mode: Mode
@@ -96,3 +98,4 @@ class TunnelConfig:
     metrics_url: str | None = None
     metrics_interval: float = 30.0
     enable_shutdown: bool = False
+    workers: int = 1

@@ -87,8 +87,9 @@ def _adopt(reactor, fd: int, family: int, factory, owns_path: bool = True):
         port = _UNIXPort._fromListeningDescriptor(reactor, fd, factory)
         port.owns_path = owns_path
         path = port._bindPath
-        if not owns_path and path[:1] not in (b"\0", "\0", b"", ""):
-            # Keep the mode systemd gave the socket (SocketMode=); Twisted
+        if path[:1] not in (b"\0", "\0", b"", ""):
+            # Keep the mode the socket was made with: by bind() under the
+            # umask (twistd --umask), or by systemd (SocketMode=). Twisted
             # would otherwise open it to everyone.
             port.mode = stat.S_IMODE(os.stat(path).st_mode)
     else:

@@ -180,6 +180,9 @@ class TunnelMetrics:
     @ivar refusals: connections refused before reaching the target, by the
         reason token the verifier or the proxy gave.
     @ivar source: the identity source, read for its Workload API state.
+    @ivar worker: under C{--workers}, this process's worker index: a
+        C{worker} label in Prometheus and JSON, a C{workerN} name part in
+        Graphite. L{None} otherwise.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -196,6 +199,7 @@ class TunnelMetrics:
         self.rotations = 0
         self.bundle_updates = 0
         self.source = None
+        self.worker: int | None = None
 
     # Connections, as the proxy sees them.
 
@@ -336,9 +340,10 @@ class TunnelMetrics:
         """
         timestamp = int(time.time() if now is None else now)
         hostname = socket.gethostname()
+        worker = {} if self.worker is None else {"worker": self.worker}
         return [
             {"timestamp": timestamp, "metric": name, "value": value,
-             "hostname": hostname}
+             "hostname": hostname, **worker}
             for name, value in self.samples(prefix)
         ]
 
@@ -353,6 +358,8 @@ class TunnelMetrics:
         The metrics in Graphite's plaintext protocol: C{name value time}.
         """
         timestamp = int(time.time() if now is None else now)
+        if self.worker is not None:
+            prefix = ".".join(filter(None, (prefix, f"worker{self.worker}")))
         return b"".join(
             f"{name} {value:g} {timestamp}\n".encode()
             for name, value in self.samples(prefix)
@@ -396,6 +403,16 @@ class TunnelCollector:
         return prometheus_name(f"{self.prefix}.{dotted}" if self.prefix else dotted)
 
     def collect(self) -> Iterator:
+        worker = self.metrics.worker
+        for family in self._families():
+            if worker is not None:
+                family.samples = [
+                    sample._replace(labels={**sample.labels, "worker": str(worker)})
+                    for sample in family.samples
+                ]
+            yield family
+
+    def _families(self) -> Iterator:
         m = self.metrics
         for dotted, value in (
             ("accept.total", m.accept_total),

@@ -108,6 +108,9 @@ class _TunnelOptions(usage.Options):
         ["metrics-graphite", None, None, "Push metrics to Graphite at HOST:PORT."],
         ["metrics-url", None, None, "POST metrics as JSON to this URL."],
         ["metrics-interval", None, "30s", "How often metrics are pushed."],
+        ["workers", None, "1",
+         "Processes sharing the listening socket, each with its own Workload "
+         "API stream; crashed ones are restarted (1: this process alone)."],
     ]
 
     def __init__(self) -> None:
@@ -164,6 +167,7 @@ class _TunnelOptions(usage.Options):
             shutdown_timeout=timeouts["shutdown_timeout"],
             max_conn_lifetime=self._duration("max-conn-lifetime"),
             quiet=frozenset(self.quiet),
+            workers=self._workers(),
             **network,
             **identity,
             **self._monitoring(),
@@ -249,6 +253,20 @@ class _TunnelOptions(usage.Options):
             "metrics_interval": interval,
             "enable_shutdown": bool(self["enable-shutdown"]),
         }
+
+    def _workers(self) -> int:
+        text = self["workers"]
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 64:
+            raise usage.UsageError(
+                f"--workers {text!r}: expected a whole number from 1 to 64"
+            )
+        status = self["status"]
+        if int(text) > 1 and status and status.startswith(("unix:", "systemd:")):
+            raise usage.UsageError(
+                f"--status {status}: with --workers each worker serves the "
+                "status port, so it must be a TCP address"
+            )
+        return int(text)
 
     def _require(self, *names: str) -> None:
         for name in names:

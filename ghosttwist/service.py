@@ -80,7 +80,7 @@ class TunnelService(Service):
         self.ready: Deferred = Deferred()
         self.port = None
         self._first_timer = None
-        self._listening = None
+        self._bound = None
 
     def _build_context(self, identity: Identity):
         server = self.config.mode == "server"
@@ -130,8 +130,42 @@ class TunnelService(Service):
             self.config.files, self.reactor, self.config.timed_reload, hooks
         )
 
+    def privilegedStartService(self) -> None:
+        """
+        Bind the listening socket now, while twistd still holds the
+        privileges a low port needs (C{--uid}/C{--gid} drop them after
+        this). It accepts nothing until the first identity has arrived.
+        """
+        super().privilegedStartService()
+        self._bind()
+
+    def _bind(self) -> None:
+        """
+        Make the listening port, not yet accepting; a failure fails
+        C{ready}.
+        """
+        if self._bound is not None or self.ready.called:
+            return
+        factory = self.factory
+        if self.config.mode == "server":
+            factory = HalfCloseTLSFactory(self.contexts, False, factory, self.reactor)
+        binding = self._server_endpoint().listen(factory)
+        binding.addCallbacks(self._made_port, self._listen_failed)
+
+    def _server_endpoint(self):
+        """
+        The endpoint C{--listen} names.
+        """
+        return server_endpoint(self.config.listen, self.reactor)
+
+    def _made_port(self, port) -> None:
+        port.stopReading()
+        self._bound = port
+
     def startService(self) -> None:
         super().startService()
+        if self.ready.called:
+            return
 
         if self.source is None and self.config.files is not None:
             try:
@@ -210,20 +244,16 @@ class TunnelService(Service):
         if self._first_timer is not None:
             self._first_timer.cancel()
             self._first_timer = None
-        if self.port is None and self._listening is None and self.running:
+        if self.port is None and self.running:
             self._listen()
 
     def _listen(self) -> None:
-        factory = self.factory
-        if self.config.mode == "server":
-            factory = HalfCloseTLSFactory(self.contexts, False, factory, self.reactor)
-
-        endpoint = server_endpoint(self.config.listen, self.reactor)
-        self._listening = endpoint.listen(factory)
-        self._listening.addCallbacks(self._listened, self._listen_failed)
+        self._bind()
+        port, self._bound = self._bound, None
+        if port is not None:
+            self._listened(port)
 
     def _listened(self, port) -> None:
-        self._listening = None
         self.port = port
         log.info(
             "{mode} listening on {address}, forwarding to {target}",
@@ -239,10 +269,10 @@ class TunnelService(Service):
                 port
             )
         self.monitor.listening(_address_of(port, self.config))
+        port.startReading()
         self.ready.callback(port)
 
     def _listen_failed(self, failure) -> None:
-        self._listening = None
         self._fail(
             StartupError(
                 f"cannot listen on {self.config.listen}: {_listen_error(failure)}"
@@ -263,7 +293,8 @@ class TunnelService(Service):
         if self.source is not None:
             self.source.stop()
 
-        port, self.port = self.port, None
+        port, self.port = self.port or self._bound, None
+        self._bound = None
         stopped = port.stopListening() if port is not None else None
         if not self.ready.called:
             self.ready.errback(StartupError("stopped before it started"))
@@ -327,6 +358,10 @@ def make_tunnel_service_for_twistd(options) -> TunnelService:
     """
     from twisted.internet import reactor
 
+    if options.config.workers > 1:
+        from ghosttwist.workers import WorkerSupervisor
+
+        return WorkerSupervisor(options.config, reactor)
     return TwistdTunnelService(options.config, reactor)
 
 

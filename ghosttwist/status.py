@@ -273,6 +273,7 @@ class TunnelHealth:
     listening: bool = False
     stopping: bool = False
     last_reload: float | None = None
+    worker: int | None = None
 
     def document(self, backend_error: str | None, now: float | None = None) -> dict:
         """
@@ -307,6 +308,7 @@ class TunnelHealth:
             "revision": __version__,
             "compiler": f"{platform.python_implementation()} {platform.python_version()}",
             "identity": identity,
+            **({} if self.worker is None else {"worker": self.worker}),
         }
 
 
