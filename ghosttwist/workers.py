@@ -42,6 +42,7 @@ from zope.interface import implementer
 
 from ghosttwist.config import TunnelConfig
 from ghosttwist.listeners import _adopt, server_endpoint
+from ghosttwist.notify import SystemdNotifier
 from ghosttwist.service import (
     TwistdTunnelService,
     _address_of,
@@ -63,11 +64,18 @@ MAX_BACKOFF = 30.0
 #: A worker's standard-output line that says it accepts connections.
 READY = "ready"
 
+#: Left out of a worker's environment: only the supervisor talks to systemd.
+_SUPERVISOR_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
 
 class WorkerSupervisor(Service):
     """
     Binds the listening socket and keeps C{config.workers} worker
     processes running on it.
+
+    Under systemd (C{NOTIFY_SOCKET}), the supervisor alone notifies:
+    C{READY=1} once every worker has listened, C{STOPPING=1} on SIGTERM,
+    and the watchdog pings; workers are started without C{NOTIFY_SOCKET}.
 
     @ivar workers: the running workers' protocols, by index.
     """
@@ -84,6 +92,8 @@ class WorkerSupervisor(Service):
         self._stopped: defer.Deferred | None = None
         self._kill_timer = None
         self._failed = False
+        self._ever_ready: set[int] = set()
+        self.notifier = SystemdNotifier(reactor)
 
     def __getstate__(self) -> dict:
         """
@@ -124,6 +134,8 @@ class WorkerSupervisor(Service):
             self.privilegedStartService()
         if self._failed:
             return
+        self.notifier.start()
+        self.notifier.status(f"starting {self.config.workers} workers")
         log.info(
             "supervising {count} workers on {address}",
             count=self.config.workers,
@@ -138,11 +150,16 @@ class WorkerSupervisor(Service):
             return
         protocol = _WorkerProtocol(self, index)
         arguments = [sys.executable, "-m", "ghosttwist.workers", str(index)]
+        env = {
+            name: value
+            for name, value in os.environ.items()
+            if name not in _SUPERVISOR_ONLY
+        }
         self.reactor.spawnProcess(
             protocol,
             sys.executable,
             arguments,
-            env=dict(os.environ),
+            env=env,
             childFDs={0: "w", 1: "r", 2: "r", LISTEN_FD: self.port.fileno()},
         )
         config = attrs.evolve(self.config, workers=1)
@@ -154,8 +171,19 @@ class WorkerSupervisor(Service):
     def worker_ready(self, worker: _WorkerProtocol) -> None:
         """
         C{worker} accepts connections: its next death restarts it quickly.
+        Once every worker has listened, systemd hears that the tunnel is
+        ready.
         """
         self._failures[worker.index] = 0
+        first_time = len(self._ever_ready) < self.config.workers
+        self._ever_ready.add(worker.index)
+        if first_time and len(self._ever_ready) == self.config.workers:
+            self.notifier.ready(
+                f"{self.config.workers} workers listening on "
+                f"{_address_of(self.port, self.config)}"
+                if self.port is not None
+                else f"{self.config.workers} workers listening"
+            )
 
     def worker_ended(self, worker: _WorkerProtocol, code, signal_name) -> None:
         """
@@ -193,6 +221,7 @@ class WorkerSupervisor(Service):
         self._restarts[worker.index] = self.reactor.callLater(
             delay, self._spawn, worker.index
         )
+        self.notifier.status(f"worker {worker.index} exited ({how}); restarting")
 
     def _give_up(self, message: str) -> None:
         """
@@ -208,6 +237,7 @@ class WorkerSupervisor(Service):
 
     def stopService(self):
         super().stopService()
+        self.notifier.stopping()
         for call in self._restarts.values():
             if call.active():
                 call.cancel()
@@ -219,9 +249,11 @@ class WorkerSupervisor(Service):
             stopped = self.port.stopListening()
             self.port = None
         if not self.workers:
+            self.notifier.stop()
             return stopped
 
         self._stopped = defer.Deferred()
+        self._stopped.addBoth(self._notifier_stop)
         for worker in list(self.workers.values()):
             worker.signal("TERM")
         grace = self.config.shutdown_timeout + 10.0
@@ -230,6 +262,10 @@ class WorkerSupervisor(Service):
         return defer.DeferredList(
             [d for d in (self._stopped, stopped) if d is not None], consumeErrors=True
         )
+
+    def _notifier_stop(self, result):
+        self.notifier.stop()
+        return result
 
     def _kill_stragglers(self) -> None:
         self._kill_timer = None

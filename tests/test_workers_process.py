@@ -10,11 +10,21 @@ import os
 import re
 import signal
 import socket
+import struct
+import subprocess
+import sys
 import urllib.request
 
 import pytest
 
-from tests.processes import free_port, recv_all, wait_for
+from tests.processes import (
+    Process,
+    environment,
+    free_port,
+    recv_all,
+    twistd,
+    wait_for,
+)
 
 WORKER = re.compile(r"worker (\d+) \[(\d+)\]: connection from")
 STARTED = re.compile(r"started worker (\d+) \[(\d+)\]")
@@ -184,3 +194,164 @@ def test_workers_that_cannot_start_end_the_supervisor_with_status_1(
     assert server.wait() == 1
     assert "could not start" in server.log
     assert "no X509-SVID from the Workload API" in server.log
+
+
+class _Activated(Process):
+    """
+    A process started with one extra descriptor kept open for it, as
+    systemd passes a socket.
+    """
+
+    def __init__(self, arguments, log_path, env, fd: int) -> None:
+        self.arguments = arguments
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen(
+            arguments,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(log_path.parent),
+            pass_fds=(fd,),
+        )
+
+
+def _server_flags(agent) -> tuple[str, ...]:
+    return (
+        "--use-workload-api-addr", agent.address("backend"),
+        "--allow-uri", "spiffe://domain.test/frontend",
+    )
+
+
+def test_shutdown_endpoint_stops_the_whole_group(agent, backend, start_tunnel):
+    """
+    POST /_shutdown, answered by whichever worker, stops the supervisor
+    and every worker with status 0; nothing is restarted.
+    """
+    status_port = free_port()
+    server = start_tunnel(
+        "server", backend.address, *_server_flags(agent),
+        "--workers", "2", "--status", f"http://127.0.0.1:{status_port}",
+        "--enable-shutdown",
+        wait=False,
+    )
+    server.wait_for_log("listening on", count=2)
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{status_port}/_shutdown", method="POST"
+    )
+    urllib.request.urlopen(request, timeout=10).close()
+
+    assert server.wait() == 0
+    assert server.log.count("exited (status 0)") == 2
+    assert "restarting" not in server.log
+
+
+def test_unix_listener_is_shared_and_removed_on_exit(
+    tmp_path, agent, backend, start_tunnel, processes
+):
+    """
+    A unix:PATH listener works the same way: the workers serve on it, and
+    the supervisor removes the socket file once they have all stopped.
+    """
+    path = tmp_path / "tunnel.sock"
+    server = Process(
+        twistd(
+            "server", "--listen", f"unix:{path}", "--target", backend.address,
+            *_server_flags(agent), "--workers", "2",
+        ),
+        tmp_path / "unix-server.log",
+    )
+    processes.append(server)
+    server.wait_for_log("listening on", count=2)
+    client = start_tunnel(
+        "client", f"unix:{path}",
+        "--use-workload-api-addr", agent.address("frontend"),
+        "--verify-uri", "spiffe://domain.test/backend",
+    )
+
+    assert _round_trip(client.port, b"over unix") == b"over unix"
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    assert not path.exists()
+
+
+def test_only_the_supervisor_notifies_systemd(tmp_path, agent, backend, processes):
+    """
+    With NOTIFY_SOCKET, READY=1 comes once both workers listen, and every
+    notification comes from the supervisor's pid, none from a worker.
+    """
+    path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(path))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    listener.settimeout(0.2)
+    port = free_port()
+    server = Process(
+        twistd(
+            "server", "--listen", f"127.0.0.1:{port}", "--target", backend.address,
+            *_server_flags(agent), "--workers", "2",
+        ),
+        tmp_path / "notified-server.log",
+        env=environment(NOTIFY_SOCKET=str(path)),
+    )
+    processes.append(server)
+    messages: list[tuple[int, str]] = []
+
+    def received(field: str):
+        try:
+            data, ancillary, _, _ = listener.recvmsg(4096, socket.CMSG_SPACE(12))
+        except TimeoutError:
+            data, ancillary = b"", []
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid = struct.unpack("3i", payload[:12])[0]
+                messages.append((pid, data.decode()))
+        return any(field in text for _, text in messages)
+
+    try:
+        wait_for(lambda: received("READY=1"), "READY=1")
+        assert server.log.count("listening on") == 2
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 0
+        wait_for(lambda: received("STOPPING=1"), "STOPPING=1")
+    finally:
+        listener.close()
+
+    assert {pid for pid, _ in messages} == {server.process.pid}
+
+
+def test_workers_share_a_socket_systemd_passed_in(
+    tmp_path, agent, backend, start_tunnel, processes
+):
+    """
+    --listen systemd:NAME with --workers: the supervisor takes the socket
+    systemd passed as fd 3 and the workers serve on it.
+    """
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    wrapper = (
+        "import os, sys; os.dup2(int(sys.argv[1]), 3); os.set_inheritable(3, True); "
+        "os.environ['LISTEN_PID'] = str(os.getpid()); "
+        "os.execv(sys.argv[2], sys.argv[2:])"
+    )
+    arguments = [
+        sys.executable, "-c", wrapper, str(listener.fileno()),
+        *twistd(
+            "server", "--listen", "systemd:tunnel", "--target", backend.address,
+            *_server_flags(agent), "--workers", "2",
+        ),
+    ]
+    env = environment(LISTEN_FDS="1", LISTEN_FDNAMES="tunnel")
+    server = _Activated(arguments, tmp_path / "activated.log", env, listener.fileno())
+    processes.append(server)
+    listener.close()
+    server.wait_for_log("listening on", count=2)
+    client = start_tunnel(
+        "client", f"127.0.0.1:{port}",
+        "--use-workload-api-addr", agent.address("frontend"),
+        "--verify-uri", "spiffe://domain.test/backend",
+    )
+
+    pids = set(_started(server.log).values())
+    _until_all_serve(server, client, pids)
