@@ -18,6 +18,7 @@ import urllib.request
 import pytest
 
 from tests.processes import (
+    TWISTD,
     Process,
     environment,
     free_port,
@@ -355,3 +356,28 @@ def test_workers_share_a_socket_systemd_passed_in(
 
     pids = set(_started(server.log).values())
     _until_all_serve(server, client, pids)
+
+
+def test_workers_run_from_a_tap_file(tmp_path, agent, backend, processes):
+    """
+    A .tap written with --workers runs the supervisor and its workers; only
+    the configuration was pickled.
+    """
+    port = free_port()
+    tap = tmp_path / "workers.tap"
+    written = subprocess.run(
+        [
+            os.path.join(os.path.dirname(sys.executable), "ghosttwist-tap"),
+            "--output", str(tap), "server", "--listen", f"127.0.0.1:{port}",
+            "--target", backend.address, *_server_flags(agent), "--workers", "2",
+        ],
+        capture_output=True, text=True, timeout=60, env=environment(),
+    )
+    assert written.returncode == 0, written.stderr
+
+    server = Process(
+        [TWISTD, "-n", "--pidfile=", "-f", str(tap)], tmp_path / "tap-workers.log"
+    )
+    processes.append(server)
+    server.wait_for_log("listening on", count=2)
+    assert len(set(_started(server.log).values())) == 2
