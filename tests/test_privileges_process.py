@@ -71,6 +71,9 @@ def test_uid_gid_drop_after_binding_a_low_port(
     folder, agent = open_folder
     user, group = _unprivileged()
     port = _free_low_port()
+    limit = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+    if limit.exists() and int(limit.read_text()) <= port:
+        pytest.skip(f"any user may bind port {port} here: it would prove nothing")
     server = Process(
         [
             TWISTD, "-n", "--pidfile=", "--uid", user, "--gid", group,
