@@ -227,6 +227,9 @@ class _TunnelOptions(usage.Options):
         interval = self._duration("metrics-interval")
         if interval <= 0:
             raise usage.UsageError("--metrics-interval must be longer than 0s")
+        for name in ("status", "target-status", "metrics-url", "metrics-graphite"):
+            if self[name] == "":
+                raise usage.UsageError(f"--{name} needs a value")
         if self["enable-shutdown"] and not self["status"]:
             raise usage.UsageError("--enable-shutdown needs --status")
 

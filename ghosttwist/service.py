@@ -9,6 +9,7 @@ import atexit
 import os
 import signal
 import sys
+import time
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
@@ -80,6 +81,7 @@ class TunnelService(Service):
         self.ready: Deferred = Deferred()
         self.port = None
         self._first_timer = None
+        self._expiry_timer = None
         self._bound = None
 
     def _build_context(self, identity: Identity):
@@ -240,12 +242,38 @@ class TunnelService(Service):
             **identity.describe(),
         )
         self.monitor.identity_updated(identity)
+        self._watch_expiry(identity)
 
         if self._first_timer is not None:
             self._first_timer.cancel()
             self._first_timer = None
         if self.port is None and self.running:
             self._listen()
+
+    def _watch_expiry(self, identity: Identity) -> None:
+        """
+        Log, when it happens, that the certificate in service expired with
+        no newer one to replace it: from then on peers refuse handshakes.
+        """
+        self._cancel_expiry_timer()
+        if identity.not_after is None:
+            return
+        delay = max(identity.not_after.timestamp() - time.time(), 0.0)
+        self._expiry_timer = self.reactor.callLater(delay, self._expired, identity)
+
+    def _expired(self, identity: Identity) -> None:
+        self._expiry_timer = None
+        log.error(
+            "the certificate in service ({spiffe_id} serial={serial}) expired at "
+            "{not_after} and no newer one has arrived; peers will refuse new "
+            "handshakes until the identity source sends one",
+            **identity.describe(),
+        )
+
+    def _cancel_expiry_timer(self) -> None:
+        if self._expiry_timer is not None and self._expiry_timer.active():
+            self._expiry_timer.cancel()
+        self._expiry_timer = None
 
     def _listen(self) -> None:
         self._bind()
@@ -286,6 +314,7 @@ class TunnelService(Service):
     def stopService(self):
         super().stopService()
         self.monitor.stopping()
+        self._cancel_expiry_timer()
 
         if self._first_timer is not None:
             self._first_timer.cancel()

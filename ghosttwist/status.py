@@ -127,9 +127,18 @@ def check_http_url(text: str, flag: str) -> str:
 
     @raise InvalidAddress: naming C{flag} otherwise.
     """
-    parts = urlsplit(text)
+    wrong = InvalidAddress(f"{flag} {text!r}: expected an http:// or https:// URL")
+    if not (text.isascii() and text.isprintable()) or " " in text:
+        raise wrong
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise wrong from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidAddress(f"{flag} {text!r}: expected an http:// or https:// URL")
+        raise wrong
+    if port == 0:
+        raise InvalidAddress(f"{flag} {text!r}: the port must be from 1 to 65535")
     return text
 
 

@@ -168,11 +168,15 @@ class WorkloadApiSource:
     def _connectivity(self, generation: int, name: str) -> None:
         """
         Follow the current channel's state; a return to READY after a loss
-        is a reconnect.
+        is a reconnect. Between a loss and that return the state is
+        C{disconnected}, whatever idle or connecting phases gRPC goes
+        through meanwhile.
         """
         if self._stopped or generation != self._generation:
             return
         self.connection_state = _STATES.get(name, name.lower())
+        if name != "READY" and self._was_connected:
+            self.connection_state = "disconnected"
         if name == "READY":
             if self._lost:
                 self.reconnects += 1
