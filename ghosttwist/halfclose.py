@@ -24,6 +24,8 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
+from ghosttwist.sendnow import send_now
+
 _READ_SIZE = 2**16
 # Under glibc's mmap threshold, so each read buffer is a cheap heap block.
 _SEND_READ_SIZE = 2**16
@@ -93,7 +95,7 @@ class HalfCloseTLSProtocol(TLSMemoryBIOProtocol):
                 data = self._tlsConnection.bio_read(_SEND_READ_SIZE)
             except WantReadError:
                 return
-            self.transport.write(data)
+            send_now(self.transport, data)
             if len(data) < _SEND_READ_SIZE:
                 return
 

@@ -25,6 +25,7 @@ from ghosttwist import proxyproto
 from ghosttwist.halfclose import HalfCloseTLSFactory
 from ghosttwist.outbound import target_endpoint
 from ghosttwist.metrics import TunnelMetrics
+from ghosttwist.sendnow import send_now
 from ghosttwist.tls import ContextHolder, handshake_state
 
 log = Logger()
@@ -302,7 +303,7 @@ class Splice:
 
     def data_received(self, side: _Side, data: bytes) -> None:
         if self.spliced:
-            self._other(side).transport.write(data)
+            send_now(self._other(side).transport, data)
             return
 
         if side is self.inbound:
