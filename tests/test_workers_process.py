@@ -381,3 +381,53 @@ def test_workers_run_from_a_tap_file(tmp_path, agent, backend, processes):
     processes.append(server)
     server.wait_for_log("listening on", count=2)
     assert len(set(_started(server.log).values())) == 2
+
+
+def test_client_mode_workers_both_take_connections(agent, backend, start_tunnel):
+    """
+    --workers works in client mode too: two client workers in front of one
+    server tunnel both accept plain connections and dial over mTLS.
+    """
+    server = start_tunnel("server", backend.address, *_server_flags(agent))
+    client = start_tunnel(
+        "client", server.address,
+        "--use-workload-api-addr", agent.address("frontend"),
+        "--verify-uri", "spiffe://domain.test/backend",
+        "--workers", "2",
+        wait=False,
+    )
+    client.wait_for_log("listening on", count=2)
+    pids = set(_started(client.log).values())
+    assert len(pids) == 2
+
+    sent = []
+
+    def both_served():
+        payload = b"client worker %d" % len(sent)
+        sent.append(payload)
+        assert _round_trip(client.port, payload) == payload
+        return pids <= _served_by(client.log)
+
+    wait_for(both_served, "both client workers to take a connection")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as file:
+            status = file.read()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
+def test_workers_stop_when_the_supervisor_is_killed(workers):
+    """
+    A supervisor killed with SIGKILL cannot forward anything: its workers
+    see their input close and stop by themselves.
+    """
+    server, _ = workers
+    pids = set(_started(server.log).values())
+    server.process.kill()
+    server.wait()
+
+    wait_for(lambda: all(_gone(pid) for pid in pids), "both workers to exit")
