@@ -251,7 +251,13 @@ def parse_workload_api_address(text: str) -> WorkloadApiAddress:
             "cannot be reached from this platform; use unix:///path or tcp://IP:PORT"
         )
 
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        raise InvalidAddress(
+            f"Workload API address {text!r}: use unix:///path/to/agent.sock or "
+            "tcp://IP:PORT"
+        ) from None
     if parts.scheme == "unix":
         return _parse_unix_workload(text, parts)
     if parts.scheme == "tcp":

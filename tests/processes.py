@@ -287,10 +287,10 @@ class Backend:
     connection; it records how many connections reached it.
     """
 
-    def __init__(self, handler: Callable[[socket.socket], None]) -> None:
+    def __init__(self, handler: Callable[[socket.socket], None], port: int = 0) -> None:
         self.handler = handler
         self.accepted = 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.create_server(("127.0.0.1", port))
         self.port = self.listener.getsockname()[1]
         self._closed = False
         threading.Thread(target=self._serve, daemon=True).start()

@@ -225,3 +225,45 @@ def test_sigterm_under_load_cuts_nothing_before_the_drain_timeout(
 
     assert server.wait(60) == 0
     assert "shutdown timeout reached" not in server.log
+
+
+def test_backend_flapping_three_times(tmp_path, agent, start_tunnel):
+    """
+    The target goes down and up three times: /_status follows it (503 while
+    down, 200 while up), each connection made while it is down is closed
+    with a log line, each made while it is up is served, and the tunnel
+    keeps running throughout.
+    """
+    from tests.processes import svid_files, tls_client
+
+    target_port, status_port = free_port(), free_port()
+    server = start_tunnel(
+        "server", f"127.0.0.1:{target_port}",
+        "--use-workload-api-addr", agent.address("backend"),
+        "--allow-uri", "spiffe://domain.test/frontend",
+        "--status", f"http://127.0.0.1:{status_port}",
+    )
+    files = svid_files(agent, "frontend", tmp_path)
+    context = tls_client(files, files["ca"])
+
+    def through() -> bytes:
+        try:
+            with tls_connect(server.port, context, timeout=15) as connection:
+                connection.sendall(b"flap")
+                return recv_all(connection, 4)
+        except (OSError, ssl.SSLError):
+            return b""
+
+    for flap in range(3):
+        wait_for(lambda: status(status_port)[0] == 503, "503 while the target is down")
+        assert through() == b""
+        server.wait_for_log("cannot reach", count=flap + 1)
+
+        up = Backend(echo, port=target_port)
+        try:
+            wait_for(lambda: status(status_port)[0] == 200, "200 while the target is up")
+            assert through() == b"flap"
+        finally:
+            up.close()
+
+    assert server.process.poll() is None

@@ -63,8 +63,12 @@ def _uri(text: str) -> dict[str, object]:
     """
     A URI SAN split as Go's C{url.URL}; parts that are empty are left out,
     so C{not uri.User} or C{not uri.RawQuery} hold when they are absent.
+    A URI that does not parse (C{"x://["}) keeps only C{Raw}, empty parts.
     """
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return {"Raw": text, "Scheme": "", "Host": "", "Path": ""}
     opaque = not parts.netloc and not parts.path.startswith("/")
     document: dict[str, object] = {
         "Raw": text,
