@@ -235,3 +235,28 @@ def test_session_from_before_a_bundle_change_does_not_get_in(
 
     assert reused is False
     assert backend.accepted == reached
+
+
+def test_peer_with_an_unparsable_uri_san_is_judged_by_the_policy(
+    tmp_path, backend, start_tunnel
+):
+    """
+    A URI SAN that no URL parser accepts ("x://[") does not break building
+    the Rego input: the policy still decides, here by the common name.
+    """
+    pki = Pki(tmp_path)
+    policy = tmp_path / "policy.rego"
+    policy.write_text(
+        'package tunnel\nallow if input.certificate.Subject.CommonName == "client1"\n'
+    )
+    server = _files_server(
+        start_tunnel, backend, pki, tmp_path,
+        "--allow-policy", str(policy), "--allow-query", "data.tunnel.allow",
+    )
+    allowed = _Client(*_identity_files(tmp_path, pki, "client1", uris=["x://["]), "TLSv1.3")
+    denied = _Client(*_identity_files(tmp_path, pki, "client2", uris=["x://["]), "TLSv1.3")
+
+    assert allowed.exchange(server.port)[0] == b"probe"
+    assert denied.exchange(server.port)[0] == b""
+    assert "unauthorized" in server.wait_for_log("refused connection from")
+    assert "Traceback" not in server.log
