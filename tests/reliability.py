@@ -76,11 +76,22 @@ class ServedTunnel:
         self.backend = Backend(echo)
         self.status_port = free_port()
         self.tunnel = Tunnel(
-            folder, "server", self.backend.address,
-            "--use-workload-api-addr", self.agent.address("backend"),
-            "--allow-uri", "spiffe://domain.test/frontend",
-            "--status", f"http://127.0.0.1:{self.status_port}", *flags,
-        ).wait_listening()
+            folder,
+            "server",
+            self.backend.address,
+            "--use-workload-api-addr",
+            self.agent.address("backend"),
+            "--allow-uri",
+            "spiffe://domain.test/frontend",
+            "--status",
+            f"http://127.0.0.1:{self.status_port}",
+            *flags,
+        )
+        try:
+            self.tunnel.wait_listening()
+        except BaseException:
+            self.stop()
+            raise
         files = svid_files(self.agent, "frontend", folder)
         self.context = tls_client(files, files["ca"])
 

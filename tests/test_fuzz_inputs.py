@@ -43,10 +43,39 @@ FUZZ = settings(
 )
 
 _TRICKY = [
-    "", " ", "\x00", "/", "//", ":", "::", "[", "]", "[::1", "unix:", "unix://",
-    "systemd:", "127.0.0.1:", ":0", "0", "-1", "1e9", "1h", "0s", "spiffe://",
-    "spiffe://x", "spiffe://x/y", "http://[::1", "https://127.0.0.1:99999/",
-    "é", "١٠s", "a" * 300, "/nonexistent/file.pem", "%00", "..", "*", "**",
+    "",
+    " ",
+    "\x00",
+    "/",
+    "//",
+    ":",
+    "::",
+    "[",
+    "]",
+    "[::1",
+    "unix:",
+    "unix://",
+    "systemd:",
+    "127.0.0.1:",
+    ":0",
+    "0",
+    "-1",
+    "1e9",
+    "1h",
+    "0s",
+    "spiffe://",
+    "spiffe://x",
+    "spiffe://x/y",
+    "http://[::1",
+    "https://127.0.0.1:99999/",
+    "é",
+    "١٠s",
+    "a" * 300,
+    "/nonexistent/file.pem",
+    "%00",
+    "..",
+    "*",
+    "**",
 ]
 _VALUES = st.one_of(st.text(max_size=40), st.sampled_from(_TRICKY))
 
@@ -68,14 +97,24 @@ def _argv(options_class):
         return [f"--{name}"]
 
     pair = st.builds(arguments, flag, _VALUES)
-    base = st.sampled_from([
-        [],
-        ["--listen", "127.0.0.1:1", "--target", "127.0.0.1:2",
-         "--use-workload-api-addr", "unix:///x.sock", "--allow-all"],
-    ])
+    base = st.sampled_from(
+        [
+            [],
+            [
+                "--listen",
+                "127.0.0.1:1",
+                "--target",
+                "127.0.0.1:2",
+                "--use-workload-api-addr",
+                "unix:///x.sock",
+                "--allow-all",
+            ],
+        ]
+    )
     return st.builds(
         lambda start, pairs: start + [part for each in pairs for part in each],
-        base, st.lists(pair, max_size=6),
+        base,
+        st.lists(pair, max_size=6),
     )
 
 
@@ -118,7 +157,9 @@ def test_addresses(text, allow_port_zero):
 
 
 @FUZZ
-@given(st.from_regex(r"\A(\[[0-9a-f:]{0,12}\]|[0-9.]{0,15}|[a-z.-]{0,12}):[0-9]{0,6}\Z"))
+@given(
+    st.from_regex(r"\A(\[[0-9a-f:]{0,12}\]|[0-9.]{0,15}|[a-z.-]{0,12}):[0-9]{0,6}\Z")
+)
 def test_host_port_shapes(text):
     try:
         address = parse_address(text, flag="--target")
@@ -138,7 +179,12 @@ def test_workload_api_addresses(text):
 
 
 @FUZZ
-@given(st.one_of(_VALUES, st.from_regex(r"\A([0-9]{0,4}(\.[0-9]{0,3})?(ns|us|µs|ms|s|m|h)?){0,3}\Z")))
+@given(
+    st.one_of(
+        _VALUES,
+        st.from_regex(r"\A([0-9]{0,4}(\.[0-9]{0,3})?(ns|us|µs|ms|s|m|h)?){0,3}\Z"),
+    )
+)
 def test_durations(text):
     try:
         seconds = parse_duration(text)
@@ -223,7 +269,8 @@ def test_proxy_headers_round_trip_through_twisted(source, destination, spiffe_id
     assert info.destination.port == destination.port
     if family == proxyproto.PP2_FAMILY_TCP4:
         assert (info.source.host, info.destination.host) == (
-            source.host, destination.host
+            source.host,
+            destination.host,
         )
     else:
         assert ipaddress.ip_address(info.source.host) == _as_v6(source.host)
@@ -249,7 +296,7 @@ _ASCII = st.text(
 
 
 def _certificate(common_name: str, uris: list[str], dns: list[str]) -> x509.Certificate:
-    now = datetime.datetime(2026, 6, 1, tzinfo=datetime.timezone.utc)
+    now = datetime.datetime(2026, 6, 1, tzinfo=datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))

@@ -136,7 +136,8 @@ def test_huge_client_hello_is_refused_early(served):
     [
         b"PROXY TCP4 203.0.113.9 127.0.0.1 4444 443\r\n",
         b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c"
-        + socket.inet_aton("203.0.113.9") + socket.inet_aton("127.0.0.1")
+        + socket.inet_aton("203.0.113.9")
+        + socket.inet_aton("127.0.0.1")
         + struct.pack("!HH", 4444, 443),
     ],
     ids=["v1", "v2"],
@@ -171,8 +172,10 @@ def test_a_thousand_silent_connections(served):
             connection.close()
 
     after = wait_for(
-        lambda: (values := served.metrics())["ghosttwist.accept.timeout"]
-        >= before + 1000 and values,
+        lambda: (
+            (values := served.metrics())["ghosttwist.accept.timeout"] >= before + 1000
+            and values
+        ),
         "1000 handshake timeouts counted",
     )
     assert served_meanwhile == b"served among the silent"
@@ -196,7 +199,7 @@ def test_client_that_stops_reading_keeps_the_tunnel_bounded(tmp_path):
         try:
             while sent[0] < 512 * 1024 * 1024:
                 sent[0] += connection.send(chunk)
-        except socket.timeout:
+        except TimeoutError:
             stalled.set()
 
     served = ServedTunnel(tmp_path)
@@ -206,9 +209,14 @@ def test_client_that_stops_reading_keeps_the_tunnel_bounded(tmp_path):
         from tests.processes import Tunnel
 
         served.tunnel = Tunnel(
-            tmp_path, "server", flooding.address,
-            "--use-workload-api-addr", served.agent.address("backend"),
-            "--allow-uri", "spiffe://domain.test/frontend", name="flooded",
+            tmp_path,
+            "server",
+            flooding.address,
+            "--use-workload-api-addr",
+            served.agent.address("backend"),
+            "--allow-uri",
+            "spiffe://domain.test/frontend",
+            name="flooded",
         ).wait_listening()
         rss_before = rss_kib(served.pid)
         with tls_connect(served.tunnel.port, served.context) as connection:

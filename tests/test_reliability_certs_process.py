@@ -35,7 +35,7 @@ from tests.processes import (
 from tests.test_status_process import request
 
 FRONTEND = "spiffe://domain.test/frontend"
-_NOW = datetime.datetime.now(datetime.timezone.utc)
+_NOW = datetime.datetime.now(datetime.UTC)
 _DAY = datetime.timedelta(days=1)
 _VALID = {"not_before": _NOW - _DAY, "not_after": _NOW + 30 * _DAY}
 
@@ -76,17 +76,33 @@ class Setting:
         (folder / "ca-key.pem").write_bytes(_key_pem(self.root.key))
         (folder / "other.pem").write_bytes(_pem(self.federated.cert))
         self.agent = DevAgent(
-            folder, ("backend",),
-            "--ca", str(folder / "ca.pem"), "--ca-key", str(folder / "ca-key.pem"),
-            "--federate-with", f"other.test={folder / 'other.pem'}",
+            folder,
+            ("backend",),
+            "--ca",
+            str(folder / "ca.pem"),
+            "--ca-key",
+            str(folder / "ca-key.pem"),
+            "--federate-with",
+            f"other.test={folder / 'other.pem'}",
         )
         self.backend = Backend(echo)
         self.status_port = free_port()
         self.tunnel = Tunnel(
-            folder, "server", self.backend.address,
-            "--use-workload-api-addr", self.agent.address("backend"),
-            "--allow-uri", FRONTEND, "--status", f"http://127.0.0.1:{self.status_port}",
-        ).wait_listening()
+            folder,
+            "server",
+            self.backend.address,
+            "--use-workload-api-addr",
+            self.agent.address("backend"),
+            "--allow-uri",
+            FRONTEND,
+            "--status",
+            f"http://127.0.0.1:{self.status_port}",
+        )
+        try:
+            self.tunnel.wait_listening()
+        except BaseException:
+            self.stop()
+            raise
 
     def metrics(self) -> dict[str, float]:
         _, _, body = request(self.status_port, "/_metrics")
@@ -208,7 +224,8 @@ HOSTILE = {
     "not-yet-valid": (_not_yet_valid, "not-yet-valid"),
     "intermediate-not-a-ca": (_intermediate_not_ca, "intermediate-not-ca"),
     "intermediate-without-keycertsign": (
-        _intermediate_cannot_sign, "intermediate-not-ca"
+        _intermediate_cannot_sign,
+        "intermediate-not-ca",
     ),
     "leaf-is-a-ca": (_leaf_is_ca, "leaf-is-ca"),
     "leaf-may-sign-certificates": (_leaf_signs_certificates, "key-usage"),
@@ -216,7 +233,10 @@ HOSTILE = {
     "two-uri-sans": (_two_uri_sans, "multiple-uri-sans"),
     "https-uri-san": (_uri("https://domain.test/frontend"), "no-spiffe-id"),
     "no-uri-san": (_dns_only, "no-spiffe-id"),
-    "dot-dot-segment": (_uri("spiffe://domain.test/a/../frontend"), "invalid-spiffe-id"),
+    "dot-dot-segment": (
+        _uri("spiffe://domain.test/a/../frontend"),
+        "invalid-spiffe-id",
+    ),
     "dot-segment": (_uri("spiffe://domain.test/./frontend"), "invalid-spiffe-id"),
     "empty-segment": (_uri("spiffe://domain.test//frontend"), "invalid-spiffe-id"),
     "trailing-slash": (_uri("spiffe://domain.test/frontend/"), "invalid-spiffe-id"),
@@ -247,7 +267,8 @@ def _refused_as(setting: Setting, name: str, context, reason: str) -> None:
     )
     setting.tunnel.wait_for_log(f": {reason}: ", count=logged + 1)
     refusal = [
-        line for line in setting.tunnel.log.splitlines()
+        line
+        for line in setting.tunnel.log.splitlines()
         if "refused connection from" in line and f": {reason}: " in line
     ][-1]
     assert "Traceback" not in setting.tunnel.log
@@ -270,7 +291,9 @@ def test_a_valid_svid_from_the_bundle_ca_is_served(setting):
 def test_hostile_certificate_is_refused_logged_and_counted(setting, name):
     make, reason = HOSTILE[name]
     issued, intermediates = make(setting)
-    context = setting.client(name, [issued.cert, *_chain_of(*intermediates)], issued.key)
+    context = setting.client(
+        name, [issued.cert, *_chain_of(*intermediates)], issued.key
+    )
 
     _refused_as(setting, name, context, reason)
 
@@ -283,7 +306,6 @@ def test_client_without_certificate_is_refused(setting):
     _refused_as(setting, "no certificate", context, "no-certificate")
 
 
-
 def _tlslite_exchange(port: int, cert: x509.Certificate, key) -> bytes:
     """
     Handshake with tlslite-ng over TLS 1.2 presenting C{cert} but signing
@@ -294,8 +316,7 @@ def _tlslite_exchange(port: int, cert: x509.Certificate, key) -> bytes:
     it. Its TLS 1.3 client cannot complete a handshake with client
     certificates against OpenSSL ("unexpected message"), so TLS 1.2.
     """
-    from tlslite.api import HandshakeSettings, TLSConnection, X509CertChain
-    from tlslite.api import parsePEMKey
+    from tlslite.api import HandshakeSettings, TLSConnection, X509CertChain, parsePEMKey
     from tlslite.errors import TLSError
 
     chain = X509CertChain()

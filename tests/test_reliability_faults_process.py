@@ -10,7 +10,6 @@ Workload API connection only, not a CA rotation.
 
 from __future__ import annotations
 
-import datetime
 import signal
 import socket
 import ssl
@@ -21,18 +20,15 @@ from tests import certs
 from tests.processes import (
     Backend,
     DevAgent,
-    Process,
     Tunnel,
     echo,
     free_port,
     port_answers,
     recv_all,
     tls_connect,
-    twistd,
     wait_for,
     write_identity,
 )
-from tests.reliability import metrics
 from tests.test_reliability_certs_process import _ca, _key_pem, _leaf, _pem
 from tests.test_status_process import status
 
@@ -41,8 +37,12 @@ def _agent_with_ca(folder: Path, root: certs.Issued, *flags: str) -> DevAgent:
     (folder / "ca.pem").write_bytes(_pem(root.cert))
     (folder / "ca-key.pem").write_bytes(_key_pem(root.key))
     return DevAgent(
-        folder, ("backend", "frontend"),
-        "--ca", str(folder / "ca.pem"), "--ca-key", str(folder / "ca-key.pem"),
+        folder,
+        ("backend", "frontend"),
+        "--ca",
+        str(folder / "ca.pem"),
+        "--ca-key",
+        str(folder / "ca-key.pem"),
         *flags,
     )
 
@@ -65,7 +65,9 @@ class _Traffic:
         while not self._stop.is_set():
             payload = f"message {self.done}".encode()
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=15) as c:
+                with socket.create_connection(
+                    ("127.0.0.1", self.port), timeout=15
+                ) as c:
                     c.sendall(payload)
                     c.shutdown(socket.SHUT_WR)
                     answer = recv_all(c)
@@ -87,16 +89,26 @@ class _Traffic:
 
 def _pair(folder: Path, agent: DevAgent, backend: Backend, processes, *flags):
     server = Tunnel(
-        folder, "server", backend.address,
-        "--use-workload-api-addr", agent.address("backend"),
-        "--allow-uri", "spiffe://domain.test/frontend", *flags,
+        folder,
+        "server",
+        backend.address,
+        "--use-workload-api-addr",
+        agent.address("backend"),
+        "--allow-uri",
+        "spiffe://domain.test/frontend",
+        *flags,
     )
     processes.append(server)
     server.wait_listening()
     client = Tunnel(
-        folder, "client", server.address,
-        "--use-workload-api-addr", agent.address("frontend"),
-        "--verify-uri", "spiffe://domain.test/backend", *flags,
+        folder,
+        "client",
+        server.address,
+        "--use-workload-api-addr",
+        agent.address("frontend"),
+        "--verify-uri",
+        "spiffe://domain.test/backend",
+        *flags,
     )
     processes.append(client)
     client.wait_listening()
@@ -146,15 +158,22 @@ def test_agent_away_past_expiry_then_back(tmp_path, backend, processes):
     processes.append(agent)
     status_port = free_port()
     server = Tunnel(
-        tmp_path, "server", backend.address,
-        "--use-workload-api-addr", agent.address("backend"),
-        "--allow-uri", "spiffe://domain.test/frontend",
-        "--status", f"http://127.0.0.1:{status_port}",
+        tmp_path,
+        "server",
+        backend.address,
+        "--use-workload-api-addr",
+        agent.address("backend"),
+        "--allow-uri",
+        "spiffe://domain.test/frontend",
+        "--status",
+        f"http://127.0.0.1:{status_port}",
     )
     processes.append(server)
     server.wait_listening()
     frontend = _leaf(root)
-    files = write_identity(tmp_path, "frontend", [frontend.cert], frontend.key, [root.cert])
+    files = write_identity(
+        tmp_path, "frontend", [frontend.cert], frontend.key, [root.cert]
+    )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.load_verify_locations(str(files["ca"]))
@@ -171,7 +190,7 @@ def test_agent_away_past_expiry_then_back(tmp_path, backend, processes):
     assert served()
     agent.process.kill()
     agent.wait()
-    code, document = wait_for(
+    _, document = wait_for(
         lambda: (result := status(status_port))[0] == 503 and result,
         "/_status to turn 503",
     )
@@ -197,10 +216,14 @@ def test_sigterm_under_load_cuts_nothing_before_the_drain_timeout(
     from tests.processes import svid_files, tls_client
 
     server = start_tunnel(
-        "server", backend.address,
-        "--use-workload-api-addr", agent.address("backend"),
-        "--allow-uri", "spiffe://domain.test/frontend",
-        "--shutdown-timeout", "60s",
+        "server",
+        backend.address,
+        "--use-workload-api-addr",
+        agent.address("backend"),
+        "--allow-uri",
+        "spiffe://domain.test/frontend",
+        "--shutdown-timeout",
+        "60s",
     )
     files = svid_files(agent, "frontend", tmp_path)
     context = tls_client(files, files["ca"])
@@ -208,7 +231,10 @@ def test_sigterm_under_load_cuts_nothing_before_the_drain_timeout(
     try:
         for number, connection in enumerate(connections):
             connection.sendall(b"before %d" % number)
-            assert recv_all(connection, len(b"before %d" % number)) == b"before %d" % number
+            assert (
+                recv_all(connection, len(b"before %d" % number))
+                == b"before %d" % number
+            )
 
         server.signal(signal.SIGTERM)
         server.wait_for_log("shutting down: waiting up to")
@@ -238,10 +264,14 @@ def test_backend_flapping_three_times(tmp_path, agent, start_tunnel):
 
     target_port, status_port = free_port(), free_port()
     server = start_tunnel(
-        "server", f"127.0.0.1:{target_port}",
-        "--use-workload-api-addr", agent.address("backend"),
-        "--allow-uri", "spiffe://domain.test/frontend",
-        "--status", f"http://127.0.0.1:{status_port}",
+        "server",
+        f"127.0.0.1:{target_port}",
+        "--use-workload-api-addr",
+        agent.address("backend"),
+        "--allow-uri",
+        "spiffe://domain.test/frontend",
+        "--status",
+        f"http://127.0.0.1:{status_port}",
     )
     files = svid_files(agent, "frontend", tmp_path)
     context = tls_client(files, files["ca"])
@@ -261,7 +291,9 @@ def test_backend_flapping_three_times(tmp_path, agent, start_tunnel):
 
         up = Backend(echo, port=target_port)
         try:
-            wait_for(lambda: status(status_port)[0] == 200, "200 while the target is up")
+            wait_for(
+                lambda: status(status_port)[0] == 200, "200 while the target is up"
+            )
             assert through() == b"flap"
         finally:
             up.close()

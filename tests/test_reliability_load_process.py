@@ -32,16 +32,23 @@ def pair(agent, backend, start_tunnel):
     from tests.processes import free_port
 
     server = start_tunnel(
-        "server", backend.address,
-        "--use-workload-api-addr", agent.address("backend"),
-        "--allow-uri", "spiffe://domain.test/frontend",
+        "server",
+        backend.address,
+        "--use-workload-api-addr",
+        agent.address("backend"),
+        "--allow-uri",
+        "spiffe://domain.test/frontend",
     )
     status_port = free_port()
     client = start_tunnel(
-        "client", server.address,
-        "--use-workload-api-addr", agent.address("frontend"),
-        "--verify-uri", "spiffe://domain.test/backend",
-        "--status", f"http://127.0.0.1:{status_port}",
+        "client",
+        server.address,
+        "--use-workload-api-addr",
+        agent.address("frontend"),
+        "--verify-uri",
+        "spiffe://domain.test/backend",
+        "--status",
+        f"http://127.0.0.1:{status_port}",
     )
     client.status_port = status_port
     return server, client
@@ -52,7 +59,7 @@ def test_500_concurrent_connections_through_a_pair(pair):
     500 connections open at once through client and server tunnels; each
     gets its own bytes back, and conn.open saw all of them.
     """
-    server, client = pair
+    _, client = pair
     connections = []
     try:
         for _ in range(500):
@@ -94,9 +101,7 @@ def test_churn_of_5000_connections_leaks_nothing(tmp_path):
 
         with ThreadPoolExecutor(4) as pool:
             results = list(pool.map(one, range(5000)))
-        wait_for(
-            lambda: served.metrics()["ghosttwist.conn.open"] == 0, "all closed"
-        )
+        wait_for(lambda: served.metrics()["ghosttwist.conn.open"] == 0, "all closed")
         fds_after = wait_for(
             lambda: (count := open_fds(served.pid)) <= fds_before + 4 and count,
             "descriptors back near the start",
@@ -157,14 +162,20 @@ def test_64_mib_each_way_at_once_arrives_intact(agent, start_tunnel, tmp_path):
     )
     try:
         server = start_tunnel(
-            "server", backend.address,
-            "--use-workload-api-addr", agent.address("backend"),
-            "--allow-uri", "spiffe://domain.test/frontend",
+            "server",
+            backend.address,
+            "--use-workload-api-addr",
+            agent.address("backend"),
+            "--allow-uri",
+            "spiffe://domain.test/frontend",
         )
         client = start_tunnel(
-            "client", server.address,
-            "--use-workload-api-addr", agent.address("frontend"),
-            "--verify-uri", "spiffe://domain.test/backend",
+            "client",
+            server.address,
+            "--use-workload-api-addr",
+            agent.address("frontend"),
+            "--verify-uri",
+            "spiffe://domain.test/backend",
         )
         with socket.create_connection(("127.0.0.1", client.port), timeout=60) as c:
             sent_by_client = duplex(c, "client", b"c")
@@ -181,7 +192,7 @@ def test_one_byte_writes_arrive_in_order(pair):
     """
     4,000 writes of one byte each, with Nagle off, come back in order.
     """
-    server, client = pair
+    _, client = pair
     payload = bytes(number % 251 for number in range(4000))
     with socket.create_connection(("127.0.0.1", client.port), timeout=60) as c:
         c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -142,11 +142,16 @@ def test_the_client_resumes_where_a_server_allows_it(tmp_path, version):
 
 
 @pytest.mark.parametrize("version", sorted(_VERSIONS))
-def test_tunnel_never_resumes_a_session(tmp_path, agent, backend, start_tunnel, version):
+def test_tunnel_never_resumes_a_session(
+    tmp_path, agent, backend, start_tunnel, version
+):
     server = start_tunnel(
-        "server", backend.address,
-        "--use-workload-api-addr", agent.address("backend"),
-        "--allow-uri", "spiffe://domain.test/frontend",
+        "server",
+        backend.address,
+        "--use-workload-api-addr",
+        agent.address("backend"),
+        "--allow-uri",
+        "spiffe://domain.test/frontend",
     )
     files = svid_files(agent, "frontend", tmp_path)
     client = _Client(files["cert"], files["key"], version)
@@ -162,9 +167,13 @@ def test_tunnel_never_resumes_a_session(tmp_path, agent, backend, start_tunnel, 
 def _files_server(start_tunnel, backend, pki: Pki, folder: Path, *flags: str):
     issued = pki.issue("server", dns=["localhost"])
     return start_tunnel(
-        "server", backend.address,
-        "--keystore", str(pki.keystore(issued, "server")),
-        "--cacert", str(pki.cacert), *flags,
+        "server",
+        backend.address,
+        "--keystore",
+        str(pki.keystore(issued, "server")),
+        "--cacert",
+        str(pki.cacert),
+        *flags,
     )
 
 
@@ -182,8 +191,14 @@ def test_session_from_before_a_policy_change_does_not_get_in(
         'package tunnel\nallow if input.certificate.Subject.CommonName == "client1"\n'
     )
     server = _files_server(
-        start_tunnel, backend, pki, tmp_path,
-        "--allow-policy", str(policy), "--allow-query", "data.tunnel.allow",
+        start_tunnel,
+        backend,
+        pki,
+        tmp_path,
+        "--allow-policy",
+        str(policy),
+        "--allow-query",
+        "data.tunnel.allow",
     )
     client = _Client(*_identity_files(tmp_path, pki, "client1"), version)
     assert client.exchange(server.port) == (b"probe", False)
@@ -194,7 +209,7 @@ def test_session_from_before_a_policy_change_does_not_get_in(
     )
     server.signal(signal.SIGHUP)
     server.wait_for_log("reload (SIGHUP)")
-    answer, reused = wait_for(
+    _, reused = wait_for(
         lambda: (result := client.exchange(server.port))[0] == b"" and result,
         "client1 refused under the new policy",
     )
@@ -217,9 +232,13 @@ def test_session_from_before_a_bundle_change_does_not_get_in(
     bundle.write_bytes(pem(pki.root.cert, other.root.cert))
     issued = pki.issue("server", dns=["localhost"])
     server = start_tunnel(
-        "server", backend.address,
-        "--keystore", str(pki.keystore(issued, "server")),
-        "--cacert", str(bundle), "--allow-all",
+        "server",
+        backend.address,
+        "--keystore",
+        str(pki.keystore(issued, "server")),
+        "--cacert",
+        str(bundle),
+        "--allow-all",
     )
     client = _Client(*_identity_files(tmp_path, other, "leaving"), version)
     assert client.exchange(server.port) == (b"probe", False)
@@ -228,7 +247,7 @@ def test_session_from_before_a_bundle_change_does_not_get_in(
     bundle.write_bytes(pem(pki.root.cert))
     server.signal(signal.SIGHUP)
     server.wait_for_log("reload (SIGHUP)")
-    answer, reused = wait_for(
+    _, reused = wait_for(
         lambda: (result := client.exchange(server.port))[0] == b"" and result,
         "the client refused once its CA left the bundle",
     )
@@ -250,11 +269,21 @@ def test_peer_with_an_unparsable_uri_san_is_judged_by_the_policy(
         'package tunnel\nallow if input.certificate.Subject.CommonName == "client1"\n'
     )
     server = _files_server(
-        start_tunnel, backend, pki, tmp_path,
-        "--allow-policy", str(policy), "--allow-query", "data.tunnel.allow",
+        start_tunnel,
+        backend,
+        pki,
+        tmp_path,
+        "--allow-policy",
+        str(policy),
+        "--allow-query",
+        "data.tunnel.allow",
     )
-    allowed = _Client(*_identity_files(tmp_path, pki, "client1", uris=["x://["]), "TLSv1.3")
-    denied = _Client(*_identity_files(tmp_path, pki, "client2", uris=["x://["]), "TLSv1.3")
+    allowed = _Client(
+        *_identity_files(tmp_path, pki, "client1", uris=["x://["]), "TLSv1.3"
+    )
+    denied = _Client(
+        *_identity_files(tmp_path, pki, "client2", uris=["x://["]), "TLSv1.3"
+    )
 
     assert allowed.exchange(server.port)[0] == b"probe"
     assert denied.exchange(server.port)[0] == b""

@@ -13,9 +13,9 @@ import ssl
 import threading
 
 from tests.processes import (
+    Backend,
     DevAgent,
     Tunnel,
-    Backend,
     echo,
     free_port,
     peer_serial,
@@ -76,17 +76,26 @@ def test_rotation_every_second_and_a_ca_rotation_lose_nothing(tmp_path, processe
     backend = Backend(echo)
     status_port = free_port()
     server = Tunnel(
-        tmp_path, "server", backend.address,
-        "--use-workload-api-addr", agent.address("backend"),
-        "--allow-uri", "spiffe://domain.test/frontend",
-        "--status", f"http://127.0.0.1:{status_port}",
+        tmp_path,
+        "server",
+        backend.address,
+        "--use-workload-api-addr",
+        agent.address("backend"),
+        "--allow-uri",
+        "spiffe://domain.test/frontend",
+        "--status",
+        f"http://127.0.0.1:{status_port}",
     )
     processes.append(server)
     server.wait_listening()
     client = Tunnel(
-        tmp_path, "client", server.address,
-        "--use-workload-api-addr", agent.address("frontend"),
-        "--verify-uri", "spiffe://domain.test/backend",
+        tmp_path,
+        "client",
+        server.address,
+        "--use-workload-api-addr",
+        agent.address("frontend"),
+        "--verify-uri",
+        "spiffe://domain.test/backend",
     )
     processes.append(client)
     client.wait_listening()

@@ -82,9 +82,14 @@ def test_systemd_hears_rotation_and_stopping(agent, backend, tmp_path, processes
     notifications = _Notifications(str(tmp_path / "notify.sock"))
     tunnel = Process(
         twistd(
-            "server", "--listen", f"127.0.0.1:{free_port()}",
-            "--target", backend.address,
-            "--use-workload-api-addr", agent.address("backend"), "--allow-all",
+            "server",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--target",
+            backend.address,
+            "--use-workload-api-addr",
+            agent.address("backend"),
+            "--allow-all",
         ),
         tmp_path / "notified.log",
         env=environment(NOTIFY_SOCKET=notifications.path),
@@ -96,8 +101,10 @@ def test_systemd_hears_rotation_and_stopping(agent, backend, tmp_path, processes
 
         agent.signal(signal.SIGUSR1)
         rotated = wait_for(
-            lambda: (new := agent.fetch("backend").default_svid.leaf.serial_number)
-            != first and new,
+            lambda: (
+                (new := agent.fetch("backend").default_svid.leaf.serial_number) != first
+                and new
+            ),
             "a new SVID from the agent",
         )
         wait_for(
@@ -127,9 +134,13 @@ def test_workload_api_loss_and_reconnect_are_reported(
     """
     port = free_port()
     start_tunnel(
-        "server", backend.address,
-        "--use-workload-api-addr", agent.address("backend"), "--allow-all",
-        "--status", f"http://127.0.0.1:{port}",
+        "server",
+        backend.address,
+        "--use-workload-api-addr",
+        agent.address("backend"),
+        "--allow-all",
+        "--status",
+        f"http://127.0.0.1:{port}",
     )
     assert status(port)[1]["identity"]["workload_api"]["state"] == "connected"
     assert _metrics(port)["ghosttwist.workload_api.reconnects"] == 0
@@ -137,8 +148,11 @@ def test_workload_api_loss_and_reconnect_are_reported(
     agent.process.kill()
     agent.wait()
     down = wait_for(
-        lambda: (document := status(port)[1])["identity"]["workload_api"]["state"]
-        != "connected" and document,
+        lambda: (
+            (document := status(port)[1])["identity"]["workload_api"]["state"]
+            != "connected"
+            and document
+        ),
         "/_status to see the agent gone",
     )
     assert _metrics(port)["ghosttwist.workload_api.connected"] == 0
@@ -146,8 +160,11 @@ def test_workload_api_loss_and_reconnect_are_reported(
     restarted = agent.restarted()
     processes.append(restarted)
     up = wait_for(
-        lambda: (document := status(port)[1])["identity"]["workload_api"]["state"]
-        == "connected" and document,
+        lambda: (
+            (document := status(port)[1])["identity"]["workload_api"]["state"]
+            == "connected"
+            and document
+        ),
         "/_status to see the agent back",
     )
     values = _metric_reaches(port, "ghosttwist.workload_api.reconnects", 1)
@@ -165,9 +182,15 @@ def test_idle_tls_peer_counts_accept_timeout(agent, backend, start_tunnel):
     """
     port = free_port()
     tunnel = start_tunnel(
-        "server", backend.address,
-        "--use-workload-api-addr", agent.address("backend"), "--allow-all",
-        "--status", f"http://127.0.0.1:{port}", "--connect-timeout", "1s",
+        "server",
+        backend.address,
+        "--use-workload-api-addr",
+        agent.address("backend"),
+        "--allow-all",
+        "--status",
+        f"http://127.0.0.1:{port}",
+        "--connect-timeout",
+        "1s",
     )
 
     with socket.create_connection(("127.0.0.1", tunnel.port), timeout=30) as idle:
@@ -190,9 +213,14 @@ def test_idle_target_counts_conn_timeout(agent, start_tunnel):
     idle_server = socket.create_server(("127.0.0.1", 0))
     port = free_port()
     tunnel = start_tunnel(
-        "client", f"127.0.0.1:{idle_server.getsockname()[1]}",
-        "--use-workload-api-addr", agent.address("frontend"),
-        "--status", f"http://127.0.0.1:{port}", "--connect-timeout", "1s",
+        "client",
+        f"127.0.0.1:{idle_server.getsockname()[1]}",
+        "--use-workload-api-addr",
+        agent.address("frontend"),
+        "--status",
+        f"http://127.0.0.1:{port}",
+        "--connect-timeout",
+        "1s",
     )
     try:
         with socket.create_connection(("127.0.0.1", tunnel.port), timeout=30) as plain:
@@ -209,8 +237,14 @@ def test_idle_target_counts_conn_timeout(agent, start_tunnel):
 
 
 _BASE = (
-    "server", "--listen", "127.0.0.1:1", "--target", "127.0.0.1:2",
-    "--use-workload-api-addr", "unix:///x.sock", "--allow-all",
+    "server",
+    "--listen",
+    "127.0.0.1:1",
+    "--target",
+    "127.0.0.1:2",
+    "--use-workload-api-addr",
+    "unix:///x.sock",
+    "--allow-all",
 )
 
 
@@ -243,8 +277,13 @@ _BASE = (
 )
 def test_bad_monitoring_flags_are_one_line_and_exit_2(flags, message):
     result = subprocess.run(
-        twistd(*_BASE, *flags), capture_output=True, text=True, timeout=60,
-        env=environment(), stdin=subprocess.DEVNULL,
+        twistd(*_BASE, *flags),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environment(),
+        stdin=subprocess.DEVNULL,
     )
 
     lines = result.stderr.strip().splitlines()

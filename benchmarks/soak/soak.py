@@ -12,6 +12,7 @@ back wrong, so that a soak run can gate a release.
     python benchmarks/soak/soak.py bulk --mib 1024
     python benchmarks/soak/soak.py rotation --seconds 60
     python benchmarks/soak/soak.py agent-restart --restarts 5
+    python benchmarks/soak/soak.py silent --count 5000
     python benchmarks/soak/soak.py all
 """
 
@@ -31,14 +32,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.processes import (  # noqa: E402
+from tests.processes import (
     Backend,
     DevAgent,
     Tunnel,
     echo,
     recv_all,
 )
-from tests.reliability import open_fds, rss_kib  # noqa: E402
+from tests.reliability import open_fds, rss_kib
 
 FRONTEND = "spiffe://domain.test/frontend"
 BACKEND = "spiffe://domain.test/backend"
@@ -54,14 +55,22 @@ class Run:
         self.agent = DevAgent(folder, ("backend", "frontend"), *agent_flags)
         self.backend = Backend(handler)
         self.server = Tunnel(
-            folder, "server", self.backend.address,
-            "--use-workload-api-addr", self.agent.address("backend"),
-            "--allow-uri", FRONTEND,
+            folder,
+            "server",
+            self.backend.address,
+            "--use-workload-api-addr",
+            self.agent.address("backend"),
+            "--allow-uri",
+            FRONTEND,
         ).wait_listening()
         self.client = Tunnel(
-            folder, "client", self.server.address,
-            "--use-workload-api-addr", self.agent.address("frontend"),
-            "--verify-uri", BACKEND,
+            folder,
+            "client",
+            self.server.address,
+            "--use-workload-api-addr",
+            self.agent.address("frontend"),
+            "--verify-uri",
+            BACKEND,
         ).wait_listening()
 
     def figures(self) -> dict[str, int]:
@@ -121,7 +130,9 @@ def churn(run: Run, count: int, limit: float) -> int:
             return False
         payload = b"%08d" % number
         try:
-            with socket.create_connection(("127.0.0.1", run.client.port), timeout=30) as c:
+            with socket.create_connection(
+                ("127.0.0.1", run.client.port), timeout=30
+            ) as c:
                 c.sendall(payload)
                 return recv_all(c, 8) == payload
         except OSError:
@@ -134,8 +145,10 @@ def churn(run: Run, count: int, limit: float) -> int:
     time.sleep(2)  # let the last closes land before the figures; a report, not a test
     after = run.figures()
     failures = results.count(False)
-    print(f"churn: {count} connections in {elapsed:.1f}s "
-          f"({count / elapsed:.0f}/s), {failures} failed")
+    print(
+        f"churn: {count} connections in {elapsed:.1f}s "
+        f"({count / elapsed:.0f}/s), {failures} failed"
+    )
     for name in before:
         print(f"  {name}: {before[name]} -> {after[name]}")
     return failures
@@ -181,12 +194,13 @@ def bulk(folder: Path, mib: int, limit: float) -> int:
     finally:
         run.stop()
 
-    intact = (
-        results.get("client sent") == results.get("backend received")
-        and results.get("backend sent") == results.get("client received")
+    intact = results.get("client sent") == results.get(
+        "backend received"
+    ) and results.get("backend sent") == results.get("client received")
+    print(
+        f"bulk: {mib} MiB each way at once in {elapsed:.1f}s "
+        f"({2 * mib / elapsed:.0f} MiB/s total), SHA-256 equal: {intact}"
     )
-    print(f"bulk: {mib} MiB each way at once in {elapsed:.1f}s "
-          f"({2 * mib / elapsed:.0f} MiB/s total), SHA-256 equal: {intact}")
     return 0 if intact else 1
 
 
@@ -205,7 +219,9 @@ def rotation(folder: Path, seconds: float) -> int:
                 run.agent.signal(signal.SIGUSR2)
                 next_ca += 20
             try:
-                with socket.create_connection(("127.0.0.1", run.client.port), timeout=15) as c:
+                with socket.create_connection(
+                    ("127.0.0.1", run.client.port), timeout=15
+                ) as c:
                     c.sendall(b"rotating")
                     ok = recv_all(c, 8) == b"rotating"
             except OSError:
@@ -215,9 +231,71 @@ def rotation(folder: Path, seconds: float) -> int:
         updates = run.server.log.count("identity updated")
     finally:
         run.stop()
-    print(f"rotation: {done} connections over {seconds:.0f}s, {failures} failed, "
-          f"{updates} identity updates in the server")
+    print(
+        f"rotation: {done} connections over {seconds:.0f}s, {failures} failed, "
+        f"{updates} identity updates in the server"
+    )
     return failures
+
+
+def silent(folder: Path, count: int, limit: float) -> int:
+    """
+    Open C{count} connections to a server tunnel that never send a byte,
+    serve a legitimate client through the pair while they are open, and
+    count how many the tunnel cuts at its --connect-timeout of 5s.
+    """
+    run = Run.__new__(Run)
+    run.folder = folder
+    run.agent = DevAgent(folder, ("backend", "frontend"))
+    run.backend = Backend(echo)
+    run.server = Tunnel(
+        folder,
+        "server",
+        run.backend.address,
+        "--use-workload-api-addr",
+        run.agent.address("backend"),
+        "--allow-uri",
+        FRONTEND,
+        "--connect-timeout",
+        "5s",
+    ).wait_listening()
+    run.client = Tunnel(
+        folder,
+        "client",
+        run.server.address,
+        "--use-workload-api-addr",
+        run.agent.address("frontend"),
+        "--verify-uri",
+        BACKEND,
+    ).wait_listening()
+    end = _deadline(limit)
+    held, cut, served = [], 0, False
+    try:
+        for _ in range(count):
+            if time.monotonic() > end:
+                break
+            held.append(
+                socket.create_connection(("127.0.0.1", run.server.port), timeout=60)
+            )
+        with socket.create_connection(("127.0.0.1", run.client.port), timeout=60) as c:
+            c.sendall(b"served")
+            served = recv_all(c, 6) == b"served"
+        for connection in held:
+            try:
+                cut += connection.recv(1) == b""
+            except ConnectionError:
+                cut += 1
+            except OSError:
+                pass
+    finally:
+        for connection in held:
+            connection.close()
+        run.stop()
+    print(
+        f"silent: {len(held)} silent connections, {cut} cut at the timeout, "
+        f"legitimate client served meanwhile: {served}"
+    )
+    return (len(held) - cut) + (0 if served else 1) + (count - len(held))
 
 
 def agent_restart(folder: Path, restarts: int) -> int:
@@ -228,8 +306,8 @@ def agent_restart(folder: Path, restarts: int) -> int:
     """
     root = folder / "ca"
     root.mkdir()
-    from tests.test_reliability_faults_process import _agent_with_ca
     from tests.test_reliability_certs_process import _ca
+    from tests.test_reliability_faults_process import _agent_with_ca
 
     ca = _ca("soak root")
     run = Run.__new__(Run)
@@ -237,19 +315,31 @@ def agent_restart(folder: Path, restarts: int) -> int:
     run.agent = _agent_with_ca(root, ca)
     run.backend = Backend(echo)
     run.server = Tunnel(
-        folder, "server", run.backend.address,
-        "--use-workload-api-addr", run.agent.address("backend"), "--allow-uri", FRONTEND,
+        folder,
+        "server",
+        run.backend.address,
+        "--use-workload-api-addr",
+        run.agent.address("backend"),
+        "--allow-uri",
+        FRONTEND,
     ).wait_listening()
     run.client = Tunnel(
-        folder, "client", run.server.address,
-        "--use-workload-api-addr", run.agent.address("frontend"), "--verify-uri", BACKEND,
+        folder,
+        "client",
+        run.server.address,
+        "--use-workload-api-addr",
+        run.agent.address("frontend"),
+        "--verify-uri",
+        BACKEND,
     ).wait_listening()
     done = failures = 0
     try:
         for number in range(restarts):
             for _ in range(200):
                 try:
-                    with socket.create_connection(("127.0.0.1", run.client.port), timeout=15) as c:
+                    with socket.create_connection(
+                        ("127.0.0.1", run.client.port), timeout=15
+                    ) as c:
                         c.sendall(b"restart")
                         ok = recv_all(c, 7) == b"restart"
                 except OSError:
@@ -269,17 +359,29 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument(
         "scenario",
-        choices=["concurrent", "churn", "bulk", "rotation", "agent-restart", "all"],
+        choices=[
+            "concurrent",
+            "churn",
+            "bulk",
+            "rotation",
+            "agent-restart",
+            "silent",
+            "all",
+        ],
     )
     parser.add_argument("--count", type=int, default=None)
     parser.add_argument("--mib", type=int, default=1024)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--restarts", type=int, default=5)
-    parser.add_argument("--max-seconds", type=float, default=900.0,
-                        help="give up on a scenario after this long")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=900.0,
+        help="give up on a scenario after this long",
+    )
     arguments = parser.parse_args()
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
 
     failures = 0
@@ -291,11 +393,13 @@ def main() -> int:
             run = Run(folder / "pair")
             try:
                 if chosen in ("concurrent", "all"):
-                    failures += concurrent(run, arguments.count or 2000,
-                                           arguments.max_seconds)
+                    failures += concurrent(
+                        run, arguments.count or 2000, arguments.max_seconds
+                    )
                 if chosen in ("churn", "all"):
-                    failures += churn(run, arguments.count or 20000,
-                                      arguments.max_seconds)
+                    failures += churn(
+                        run, arguments.count or 20000, arguments.max_seconds
+                    )
             finally:
                 run.stop()
         if chosen in ("bulk", "all"):
@@ -303,8 +407,14 @@ def main() -> int:
             failures += bulk(folder / "bulk", arguments.mib, arguments.max_seconds)
         if chosen in ("rotation", "all"):
             (folder / "rotation").mkdir()
-            failures += rotation(folder / "rotation",
-                                 min(arguments.seconds, arguments.max_seconds))
+            failures += rotation(
+                folder / "rotation", min(arguments.seconds, arguments.max_seconds)
+            )
+        if chosen in ("silent", "all"):
+            (folder / "silent").mkdir()
+            failures += silent(
+                folder / "silent", arguments.count or 5000, arguments.max_seconds
+            )
         if chosen in ("agent-restart", "all"):
             (folder / "restart").mkdir()
             failures += agent_restart(folder / "restart", arguments.restarts)
