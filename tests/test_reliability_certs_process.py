@@ -15,6 +15,7 @@ import datetime
 import json
 import socket
 import ssl
+import threading
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,7 @@ class Setting:
         (folder / "other.pem").write_bytes(_pem(self.federated.cert))
         self.agent = DevAgent(
             folder,
-            ("backend",),
+            ("backend", "frontend"),
             "--ca",
             str(folder / "ca.pem"),
             "--ca-key",
@@ -361,3 +362,107 @@ def test_certificate_whose_key_does_not_match_is_refused(setting):
         for line in log.splitlines()
     )
     assert served == b"probe"
+
+
+# The same certificates presented by a server to a client tunnel.
+
+
+class HostileServer:
+    """
+    A TLS echo server on loopback presenting whichever certificate the test
+    last gave it.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.context: ssl.SSLContext | None = None
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def present(self, name: str, chain, key) -> None:
+        paths = write_identity(self.folder, f"server-{name}", chain, key, [])
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(paths["cert"]), str(paths["key"]))
+        self.context = context
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            raw.settimeout(15)
+            try:
+                with self.context.wrap_socket(raw, server_side=True) as tls:
+                    tls.sendall(tls.recv(5))
+            except (OSError, ssl.SSLError):
+                raw.close()
+
+
+@pytest.fixture(scope="module")
+def client_tunnel(setting):
+    server = HostileServer(setting.folder)
+    status_port = free_port()
+    tunnel = Tunnel(
+        setting.folder,
+        "client",
+        f"127.0.0.1:{server.port}",
+        "--use-workload-api-addr",
+        setting.agent.address("frontend"),
+        "--verify-uri",
+        "spiffe://domain.test/backend",
+        "--status",
+        f"http://127.0.0.1:{status_port}",
+    )
+    tunnel.status_port = status_port
+    try:
+        tunnel.wait_listening()
+        yield server, tunnel
+    finally:
+        tunnel.stop()
+        server.listener.close()
+
+
+def _through_client(tunnel: Tunnel) -> bytes:
+    with socket.create_connection(("127.0.0.1", tunnel.port), timeout=15) as plain:
+        plain.sendall(b"probe")
+        try:
+            return recv_all(plain, 5)
+        except ConnectionError:
+            return b""
+
+
+def _client_metrics(tunnel: Tunnel) -> dict[str, float]:
+    _, _, body = request(tunnel.status_port, "/_metrics")
+    return {item["metric"]: item["value"] for item in json.loads(body)}
+
+
+def test_client_tunnel_is_served_by_a_valid_server(setting, client_tunnel):
+    server, tunnel = client_tunnel
+    issued = _leaf(setting.root, "spiffe://domain.test/backend")
+    server.present("valid", [issued.cert], issued.key)
+
+    assert _through_client(tunnel) == b"probe"
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_client_tunnel_refuses_a_hostile_server(setting, client_tunnel, name):
+    server, tunnel = client_tunnel
+    make, reason = HOSTILE[name]
+    issued, intermediates = make(setting)
+    server.present(name, [issued.cert, *_chain_of(*intermediates)], issued.key)
+    counter = f"ghosttwist.refused.{reason}"
+    before = _client_metrics(tunnel).get(counter, 0)
+    logged = tunnel.log.count(f"refused server 127.0.0.1:{server.port}: {reason}: ")
+
+    assert _through_client(tunnel) == b""
+
+    wait_for(
+        lambda: _client_metrics(tunnel).get(counter, 0) == before + 1,
+        f"{counter} to count {name}",
+    )
+    tunnel.wait_for_log(
+        f"refused server 127.0.0.1:{server.port}: {reason}: ", count=logged + 1
+    )
+    assert "Traceback" not in tunnel.log
