@@ -183,7 +183,11 @@ def cpu_seconds(pids: list[int]) -> float:
 def _children(pid: int) -> list[int]:
     found = []
     for entry in Path(f"/proc/{pid}/task").glob("*/children"):
-        for child in entry.read_text().split():
+        try:
+            children = entry.read_text().split()
+        except OSError:  # a thread (stunnel has one per connection) ended
+            continue
+        for child in children:
             found += [int(child), *_children(int(child))]
     return found
 
