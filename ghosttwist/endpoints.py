@@ -226,11 +226,19 @@ def _workload_api(kwargs: dict[str, str]) -> WorkloadApiAddress:
 
 
 def _authorizer(kwargs: dict[str, str], key: str, allow_any: bool) -> Authorizer:
-    listed = kwargs.pop(key, "")
+    listed = kwargs.pop(key, None)
+    if listed is not None and not listed.strip():
+        raise ValueError(f"spiffe endpoint: {key}= is empty; name at least one ID")
     patterns = tuple(
-        SpiffeIdPattern.parse(text.strip()) for text in listed.split(",") if text.strip()
+        SpiffeIdPattern.parse(text.strip())
+        for text in (listed or "").split(",")
+        if text.strip()
     )
     allow_all = kwargs.pop("allow_all", "no").lower() in ("yes", "true", "1")
+    if allow_all and patterns:
+        raise ValueError(
+            f"spiffe endpoint: allow_all=yes and {key}= exclude each other"
+        )
     if not patterns and not allow_all and not allow_any:
         raise ValueError(f"spiffe endpoint: give {key}=SPIFFE_ID[,...] or allow_all=yes")
     return Authorizer(allow_all=allow_all or (allow_any and not patterns), patterns=patterns)

@@ -363,8 +363,10 @@ class Splice:
             "refused connection from {remote}: {reason}: {detail} (peer {peer_id})",
             remote=self.remote,
             reason=state.refusal,
-            detail=state.detail,
-            peer_id=state.peer_name or state.peer_id or _peer_id_from_chain(state),
+            detail=printable(state.detail),
+            peer_id=printable(
+                state.peer_name or state.peer_id or _peer_id_from_chain(state)
+            ),
         )
         self.tunnel.refusals[state.refusal] = self.tunnel.refusals.get(state.refusal, 0) + 1
         self.tunnel.metrics.refused(state.refusal)
@@ -379,7 +381,7 @@ class Splice:
             "connection from {remote}: refused server {target}: {detail}",
             remote=self.remote,
             target=str(self.config.target),
-            detail=detail,
+            detail=printable(detail),
         )
 
     def _close_both(self) -> None:
@@ -445,9 +447,9 @@ class Splice:
         tls_side = self.inbound if self.inbound.tls else self.outbound
         state = handshake_state(tls_side.transport)
         if state is None:
-            return "(not verified)", ""
+            return "not verified", ""
         name = state.peer_name or state.peer_id
-        return name or "(no certificate)", state.decision
+        return printable(name or "no certificate"), printable(state.decision)
 
     def _log_open(self) -> None:
         peer_id, decision = self._peer()
@@ -502,6 +504,19 @@ def _no_delay(transport) -> None:
         set_no_delay(True)
     except OSError:
         pass
+
+
+def printable(text: str) -> str:
+    """
+    C{text} with every control or non-printable character escaped, so that
+    names taken from a peer's certificate cannot forge or split log lines.
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+        for char in text
+    )
 
 
 def _describe(address) -> str:

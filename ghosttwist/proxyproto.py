@@ -21,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 
+from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 
@@ -134,7 +135,11 @@ def tls_tlvs(connection, mode: str, verified: bool) -> bytes:
     if cipher:
         subs += tlv(PP2_SUBTYPE_SSL_CIPHER, cipher.encode())
     if mode == "tls-full" and certificate is not None:
-        common_name = certificate.get_subject().commonName
+        # The last CN, as the access rules read it (certnames.Names).
+        common_names = certificate.to_cryptography().subject.get_attributes_for_oid(
+            NameOID.COMMON_NAME
+        )
+        common_name = str(common_names[-1].value) if common_names else ""
         if common_name:
             subs += tlv(PP2_SUBTYPE_SSL_CN, common_name.encode())
         der = crypto.dump_certificate(crypto.FILETYPE_ASN1, certificate)

@@ -283,6 +283,10 @@ class TunnelService(Service):
 
     def _listened(self, port) -> None:
         self.port = port
+        if self.ready.called:
+            # Start-up already failed elsewhere (the status port, say):
+            # never accept a connection on the way out.
+            return
         log.info(
             "{mode} listening on {address}, forwarding to {target}",
             mode=self.config.mode,

@@ -160,3 +160,39 @@ def test_server_name_check(certificate, name, ok):
     assert (problem is None) is ok
     if not ok:
         assert name in problem or "cannot be checked" in problem
+
+
+def test_only_the_last_common_name_counts():
+    """
+    With CN repeated in the subject, only the last one is the certificate's
+    common name, as in Go's crypto/x509: the earlier one cannot be matched.
+    """
+    import datetime
+
+    from cryptography import x509 as _x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from ghosttwist.auth.certnames import Names
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = _x509.Name(
+        [
+            _x509.NameAttribute(NameOID.COMMON_NAME, "client1"),
+            _x509.NameAttribute(NameOID.COMMON_NAME, "evil"),
+        ]
+    )
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        _x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+
+    assert Names.of(certificate).common_names == ("evil",)

@@ -82,6 +82,11 @@ def test_client_with_the_wrong_id_or_no_certificate_is_refused(agent, site, tmp_
         ("spiffe:tcp\\:0:allow=spiffe\\://Bad/x", "SPIFFE"),
         ("spiffe:tcp\\:0:allow_all=yes:colour=blue", "colour"),
         ("spiffe:allow_all=yes", "one wrapped endpoint"),
+        (
+            "spiffe:tcp\\:0:allow_all=yes:allow=spiffe\\://domain.test/a",
+            "exclude each other",
+        ),
+        ("spiffe:tcp\\:0:allow=", "empty"),
     ],
 )
 def test_bad_descriptions_are_refused_with_a_reason(description, message, monkeypatch):

@@ -191,8 +191,11 @@ class Names:
         def sans(kind) -> tuple[str, ...]:
             return tuple(str(v) for v in san.get_values_for_type(kind)) if san else ()
 
+        # A subject may repeat CN; like Go's crypto/x509 (and so ghostunnel)
+        # only the last one counts, so a CA-issued "CN=evil,CN=client1" and
+        # "CN=client1,CN=evil" are not both taken for client1.
         return cls(
-            common_names=values(NameOID.COMMON_NAME),
+            common_names=values(NameOID.COMMON_NAME)[-1:],
             organizational_units=values(NameOID.ORGANIZATIONAL_UNIT_NAME),
             dns_names=sans(x509.DNSName),
             ip_addresses=sans(x509.IPAddress),
