@@ -144,6 +144,19 @@ class ConnectionTracker:
         for splice in list(self.open):
             splice.abort("shutdown timeout reached")
 
+    def forget_all(self) -> None:
+        """
+        Stop waiting for connections that an abort did not end: shutting
+        down must finish even if a connection's bookkeeping went wrong.
+        """
+        if self.open:
+            log.error(
+                "{count} connection(s) did not end when cut; stopping anyway",
+                count=len(self.open),
+            )
+        for splice in list(self.open):
+            self.remove(splice)
+
 
 class Splice:
     """

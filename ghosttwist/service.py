@@ -81,6 +81,7 @@ class TunnelService(Service):
         self.ready: Deferred = Deferred()
         self.port = None
         self._first_timer = None
+        self._forget_timer = None
         self._expiry_timer = None
         self._bound = None
 
@@ -349,11 +350,12 @@ class TunnelService(Service):
             s="" if len(tracker.open) == 1 else "s",
         )
         drained = tracker.drained()
-        timer = self.reactor.callLater(timeout, tracker.abort_all)
+        timer = self.reactor.callLater(timeout, self._cut, tracker)
 
         def _done(result):
-            if timer.active():
-                timer.cancel()
+            for pending in (timer, self._forget_timer):
+                if pending is not None and pending.active():
+                    pending.cancel()
             return result
 
         drained.addBoth(_done)
@@ -362,6 +364,19 @@ class TunnelService(Service):
         # Wait for the port too: a unix listener removes its socket file
         # when it has stopped, and the reactor must not end before that.
         return DeferredList([drained, stopped], consumeErrors=True)
+
+
+    def _cut(self, tracker) -> None:
+        """
+        The drain deadline has passed: abort what is open, and give the
+        aborts a moment before no longer waiting for them.
+        """
+        tracker.abort_all()
+        self._forget_timer = self.reactor.callLater(_ABORT_GRACE, tracker.forget_all)
+
+
+# How long aborted connections get to report that they have gone.
+_ABORT_GRACE = 2.0
 
 
 def _listen_error(failure) -> str:
