@@ -258,27 +258,31 @@ def _check_empty(args: tuple, kwargs: dict[str, str]) -> None:
         raise ValueError(f"spiffe endpoint: unknown parameter {sorted(kwargs)[0]!r}")
 
 
+def _parse(reactor, args, kwargs, *, key: str, allow_any: bool, wrap, build):
+    kwargs = dict(kwargs)
+    workload_api = _workload_api(kwargs)
+    authorizer = _authorizer(kwargs, key, allow_any=allow_any)
+    timeout = _timeout(kwargs)
+    _check_empty(args, kwargs)
+    wrapped = wrap(reactor, args[0])
+    return build(reactor, wrapped, authorizer, workload_api, timeout)
+
+
 def parse_server(reactor, *args: str, **kwargs: str) -> SpiffeServerEndpoint:
     """
     Build a L{SpiffeServerEndpoint} from an endpoint string's parts.
     """
-    kwargs = dict(kwargs)
-    workload_api = _workload_api(kwargs)
-    authorizer = _authorizer(kwargs, "allow", allow_any=False)
-    timeout = _timeout(kwargs)
-    _check_empty(args, kwargs)
-    wrapped = serverFromString(reactor, args[0])
-    return SpiffeServerEndpoint(reactor, wrapped, authorizer, workload_api, timeout)
+    return _parse(
+        reactor, args, kwargs, key="allow", allow_any=False,
+        wrap=serverFromString, build=SpiffeServerEndpoint,
+    )
 
 
 def parse_client(reactor, *args: str, **kwargs: str) -> SpiffeClientEndpoint:
     """
     Build a L{SpiffeClientEndpoint} from an endpoint string's parts.
     """
-    kwargs = dict(kwargs)
-    workload_api = _workload_api(kwargs)
-    authorizer = _authorizer(kwargs, "verify", allow_any=True)
-    timeout = _timeout(kwargs)
-    _check_empty(args, kwargs)
-    wrapped = clientFromString(reactor, args[0])
-    return SpiffeClientEndpoint(reactor, wrapped, authorizer, workload_api, timeout)
+    return _parse(
+        reactor, args, kwargs, key="verify", allow_any=True,
+        wrap=clientFromString, build=SpiffeClientEndpoint,
+    )

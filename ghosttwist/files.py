@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ghosttwist.auth.svid import spiffe_id_of
-from ghosttwist.identity import Identity, IIdentitySource
+from ghosttwist.identity import Identity, IdentityFeed, IIdentitySource
 
 log = Logger()
 
@@ -270,7 +270,7 @@ def load_identity(files: IdentityFiles) -> Identity:
 
 
 @implementer(IIdentitySource)
-class FileSource:
+class FileSource(IdentityFeed):
     """
     An identity source that reads files at start, on SIGUSR1 and SIGHUP,
     and every C{timed_reload} seconds (0: never by timer).
@@ -288,18 +288,14 @@ class FileSource:
         timed_reload: float = 0.0,
         before_reload: Sequence[Callable[[], None]] = (),
     ) -> None:
+        super().__init__()
         self.files = files
-        self.current: Identity | None = None
         self.reloads = 0
         self._reactor = reactor
         self._timed_reload = timed_reload
         self._before_reload = tuple(before_reload)
-        self._subscribers: list[Callable[[Identity], None]] = []
         self._previous_handlers: dict[int, object] = {}
         self._timer: LoopingCall | None = None
-
-    def subscribe(self, callback: Callable[[Identity], None]) -> None:
-        self._subscribers.append(callback)
 
     def start(self) -> None:
         """
@@ -307,7 +303,7 @@ class FileSource:
 
         @raise FileIdentityError: when the files cannot be used.
         """
-        self._deliver(load_identity(self.files))
+        self._publish(load_identity(self.files))
 
         try:
             for number in RELOAD_SIGNALS:
@@ -364,9 +360,5 @@ class FileSource:
             files=self.files.describe(),
             serial=identity.serial or "(none)",
         )
-        self._deliver(identity)
+        self._publish(identity)
 
-    def _deliver(self, identity: Identity) -> None:
-        self.current = identity
-        for callback in list(self._subscribers):
-            callback(identity)

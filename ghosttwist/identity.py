@@ -100,3 +100,23 @@ class IIdentitySource(Interface):
         """
         Call C{callback} on the reactor thread with each new L{Identity}.
         """
+
+
+class IdentityFeed:
+    """
+    What every identity source shares: the latest L{Identity} and the
+    callbacks that hear of each new one. Sources call L{_publish} on the
+    reactor thread.
+    """
+
+    def __init__(self) -> None:
+        self.current: Identity | None = None
+        self._subscribers: list[Callable[[Identity], None]] = []
+
+    def subscribe(self, callback: Callable[[Identity], None]) -> None:
+        self._subscribers.append(callback)
+
+    def _publish(self, identity: Identity) -> None:
+        self.current = identity
+        for callback in list(self._subscribers):
+            callback(identity)

@@ -381,7 +381,6 @@ class Splice:
                 state.peer_name or state.peer_id or _peer_id_from_chain(state)
             ),
         )
-        self.tunnel.refusals[state.refusal] = self.tunnel.refusals.get(state.refusal, 0) + 1
         self.tunnel.metrics.refused(state.refusal)
 
     def _server_refused(self, reason) -> None:
@@ -592,7 +591,6 @@ class TunnelFactory(Factory):
         self.contexts = contexts
         self.reactor = reactor
         self.tracker = ConnectionTracker()
-        self.refusals: dict[str, int] = {}
         self.metrics = TunnelMetrics()
 
     def buildProtocol(self, addr) -> _Side:

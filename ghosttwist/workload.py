@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ghosttwist.addresses import WorkloadApiAddress
-from ghosttwist.identity import IIdentitySource, Identity
+from ghosttwist.identity import IdentityFeed, IIdentitySource, Identity
 
 log = Logger()
 
@@ -97,7 +97,7 @@ def identity_from_context(context) -> Identity:
 
 
 @implementer(IIdentitySource)
-class WorkloadApiSource:
+class WorkloadApiSource(IdentityFeed):
     """
     An identity source fed by the Workload API's X509-SVID stream.
 
@@ -112,12 +112,11 @@ class WorkloadApiSource:
     kind = "workload-api"
 
     def __init__(self, address: WorkloadApiAddress, reactor) -> None:
+        super().__init__()
         self.address = address
-        self.current: Identity | None = None
         self.updates = 0
         self.last_update: float | None = None
         self._reactor = reactor
-        self._subscribers: list[Callable[[Identity], None]] = []
         self._client: _Client | None = None
         self._cancel = None
         self._stopped = False
@@ -126,9 +125,6 @@ class WorkloadApiSource:
         self._was_connected = False
         self._lost = False
         self._generation = 0
-
-    def subscribe(self, callback: Callable[[Identity], None]) -> None:
-        self._subscribers.append(callback)
 
     def start(self) -> None:
         self._stopped = False
@@ -218,8 +214,6 @@ class WorkloadApiSource:
     def _deliver(self, identity: Identity) -> None:
         if self._stopped:
             return
-        self.current = identity
         self.updates += 1
         self.last_update = time.time()
-        for callback in list(self._subscribers):
-            callback(identity)
+        self._publish(identity)

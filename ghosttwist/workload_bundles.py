@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 import grpc
 from spiffe import TrustDomain, X509Bundle
@@ -21,7 +20,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ghosttwist.addresses import WorkloadApiAddress
-from ghosttwist.identity import IIdentitySource, Identity
+from ghosttwist.identity import IdentityFeed, IIdentitySource, Identity
 
 log = Logger()
 
@@ -42,26 +41,22 @@ def identity_from_bundles(response) -> Identity:
 
 
 @implementer(IIdentitySource)
-class WorkloadApiBundleSource:
+class WorkloadApiBundleSource(IdentityFeed):
     """
     An identity source that follows the Workload API's bundle stream on a
     thread of its own, reconnecting with backoff when the agent goes away.
     """
 
     def __init__(self, address: WorkloadApiAddress, reactor) -> None:
+        super().__init__()
         self.address = address
-        self.current: Identity | None = None
         self.updates = 0
         self.last_update: float | None = None
         self._reactor = reactor
-        self._subscribers: list[Callable[[Identity], None]] = []
         self._stopping = threading.Event()
         self._channel: grpc.Channel | None = None
         self._call = None
         self._thread: threading.Thread | None = None
-
-    def subscribe(self, callback: Callable[[Identity], None]) -> None:
-        self._subscribers.append(callback)
 
     def start(self) -> None:
         self._stopping.clear()
@@ -125,8 +120,6 @@ class WorkloadApiBundleSource:
     def _deliver(self, identity: Identity) -> None:
         if self._stopping.is_set():
             return
-        self.current = identity
         self.updates += 1
         self.last_update = time.time()
-        for callback in list(self._subscribers):
-            callback(identity)
+        self._publish(identity)
