@@ -9,6 +9,12 @@ send its own close_notify when its side is done writing.
 The receiving half is rewired by replacing the transport's receive loop;
 the sending half is the new L{HalfCloseTLSProtocol.loseWriteConnection}.
 
+A resumed TLS session skips certificate verification: before the wrapped
+protocol hears that such a handshake completed, the context's policy
+judges the session's certificate again (see L{ghosttwist.tls}), and a peer
+it refuses is cut off. A client keeps the session its server issued once
+the first bytes after the handshake arrive.
+
 It is also built for a tunnel's traffic, where every write is a whole chunk
 just read from the other side: writes are encrypted at once rather than
 held for the next reactor turn (Twisted's C{BufferingTLSTransport} does
@@ -19,7 +25,7 @@ into OpenSSL without copies and out to the socket in one flush.
 from __future__ import annotations
 
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -44,6 +50,63 @@ class HalfCloseTLSProtocol(TLSMemoryBIOProtocol):
     # connection is created. A class attribute so that ProtocolWrapper's
     # attribute forwarding never reaches the TCP transport for it.
     handshake = None
+
+    def dataReceived(self, data: bytes) -> None:
+        settled = self._handshakeDone
+        TLSMemoryBIOProtocol.dataReceived(self, data)
+
+        # Tickets follow the handshake, so the first bytes after it carry
+        # the session a client keeps for its next connection.
+        state = self.handshake
+        if settled and state is not None and state.keep_session is not None:
+            keep, state.keep_session = state.keep_session, None
+            if self._tlsConnection is not None and not self._lostTLSConnection:
+                keep(self._tlsConnection)
+
+    def _checkHandshakeStatus(self) -> None:
+        # Twisted's own, with one step added: a resumed session, which
+        # skipped certificate verification, is judged again before the
+        # wrapped protocol hears that the handshake completed.
+        if self._aborted:
+            return
+        try:
+            self._tlsConnection.do_handshake()
+        except WantReadError:
+            self._flushSendBIO()
+        except Error:
+            self._tlsShutdownFinished(Failure())
+        else:
+            if not self._resumed_peer_allowed():
+                return
+            self._handshakeDone = True
+            if IHandshakeListener.providedBy(self.wrappedProtocol):
+                self.wrappedProtocol.handshakeCompleted()
+
+    def _resumed_peer_allowed(self) -> bool:
+        """
+        Whether the peer may go on: always after a full handshake (the
+        verify callback judged it); after a resumed one, only if the
+        context's policy, asked again now, allows the certificate the
+        session was made with. A refused peer is cut off at once.
+        """
+        state = self.handshake
+        if state is None or state.verified:
+            return True
+
+        connection = self._tlsConnection
+        policy = connection.get_context().get_app_data()
+        if policy is None:
+            return True
+
+        if policy.judge_resumed(state, connection.get_peer_certificate()):
+            return True
+
+        self._reason = Failure(Error([("ghosttwist", "resumption", state.detail)]))
+        self._lostTLSConnection = True
+        self._aborted = True
+        self.disconnecting = True
+        self.transport.abortConnection()
+        return False
 
     def loseWriteConnection(self) -> None:
         """

@@ -9,7 +9,9 @@ already open keep the context they were born with.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
+import secrets
 from collections.abc import Callable
 
 import attrs
@@ -32,6 +34,10 @@ log = Logger()
 CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
 
 MAX_CHAIN_DEPTH = 8
+
+# The longest a session ticket stays good; never longer than the
+# certificate the context presents.
+MAX_TICKET_LIFETIME = 3600
 
 _OPENSSL_TEXT = {
     2: "unable to get issuer certificate",
@@ -94,6 +100,13 @@ class HandshakeState:
     """
 
     chain: dict[int, crypto.X509] = attrs.field(factory=dict)
+    # Whether the verify callback judged the peer's leaf in this handshake;
+    # a resumed session skips it and is judged again when it completes.
+    verified: bool = False
+    resumed: bool = False
+    # Client side: called once with the connection when a session worth
+    # offering next time may have arrived.
+    keep_session: Callable[[SSL.Connection], None] | None = None
     peer_id: str | None = None
     # With identities from files: the peer's name for log lines (its first
     # URI SAN, CN...); peer_id then holds only a SPIFFE ID from its leaf.
@@ -135,7 +148,43 @@ class PeerPolicy:
         if depth > 0:
             return True
 
+        state.verified = True
         return self._verify_leaf(state)
+
+    def judge_resumed(self, state: HandshakeState, leaf: crypto.X509 | None) -> bool:
+        """
+        Judge the peer of a resumed session, which skipped the verify
+        callback: its leaf (kept in the session) must still be within its
+        validity, meet the SPIFFE leaf rules, belong to a trust domain this
+        context trusts, and be allowed by the authorizer.
+
+        The chain needs no second look: a session resumes only on the
+        context that verified it (see L{build_context}), so against the
+        same bundles.
+        """
+        certificate = _resumed_leaf(state, leaf)
+        if certificate is None:
+            return False
+
+        state.chain[0] = leaf
+        try:
+            spiffe_id = self.verifier.authenticate_leaf(certificate)
+        except SvidError as error:
+            state.refusal = error.reason
+            state.detail = error.detail
+            return False
+
+        state.peer_id = str(spiffe_id)
+        decision = self.authorizer.check(spiffe_id)
+        state.decision = decision.reason
+        if not decision.allowed:
+            state.refusal = "unauthorized"
+            state.detail = decision.reason
+            return False
+
+        state.resumed = True
+        state.decision += ", session resumed"
+        return True
 
     def _name_leaf_defect(self, state: HandshakeState) -> None:
         """
@@ -200,6 +249,7 @@ class CertPolicy:
         if self.rules.pins:
             if depth > 0:
                 return True
+            state.verified = True
             return self._verify_pin(state, certificate.to_cryptography())
 
         if not ok:
@@ -210,7 +260,29 @@ class CertPolicy:
         if depth > 0:
             return True
 
+        state.verified = True
         return self._verify_leaf(state)
+
+    def judge_resumed(self, state: HandshakeState, leaf: crypto.X509 | None) -> bool:
+        """
+        Judge the peer of a resumed session again by its leaf, kept in the
+        session: a pin, or the leaf's validity, name and access rules.
+        (Contexts with a Rego policy, which may look at the whole chain,
+        issue no tickets.)
+        """
+        if self.rules.pins:
+            if leaf is None:
+                return _refuse_resumed(state, "no-certificate", "no certificate")
+            allowed = self._verify_pin(state, leaf.to_cryptography())
+        else:
+            if _resumed_leaf(state, leaf) is None:
+                return False
+            state.chain[0] = leaf
+            allowed = self._verify_leaf(state)
+        if allowed:
+            state.resumed = True
+            state.decision += ", session resumed"
+        return allowed
 
     def _verify_pin(self, state: HandshakeState, leaf) -> bool:
         # No CA vouches for the names in a pinned certificate: none of them,
@@ -255,6 +327,33 @@ class CertPolicy:
         return decision.allowed
 
 
+def _refuse_resumed(state: HandshakeState, reason: str, detail: str) -> bool:
+    state.refusal = reason
+    state.detail = f"resumed session: {detail}"
+    return False
+
+
+def _resumed_leaf(state: HandshakeState, leaf: crypto.X509 | None):
+    """
+    The leaf a resumed session was made with, as a C{cryptography}
+    certificate, if it is still within its validity; else L{None}, with
+    the refusal recorded on C{state}.
+    """
+    if leaf is None:
+        _refuse_resumed(state, "no-certificate", "the session holds no certificate")
+        return None
+
+    certificate = leaf.to_cryptography()
+    now = datetime.datetime.now(datetime.UTC)
+    if now > certificate.not_valid_after_utc:
+        _refuse_resumed(state, "expired", "the peer's certificate has expired")
+        return None
+    if now < certificate.not_valid_before_utc:
+        _refuse_resumed(state, "not-yet-valid", "the peer's certificate is not yet valid")
+        return None
+    return certificate
+
+
 def _name_peer(state: HandshakeState, leaf) -> None:
     spiffe_id = spiffe_id_of(leaf)
     state.peer_id = str(spiffe_id) if spiffe_id else None
@@ -280,14 +379,14 @@ def build_context(
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
     context.set_max_proto_version(_TLS_VERSIONS[max_tls_version])
     context.set_options(
-        SSL.OP_NO_COMPRESSION
-        | SSL.OP_CIPHER_SERVER_PREFERENCE
-        | SSL.OP_NO_RENEGOTIATION
-        | SSL.OP_NO_TICKET
+        SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION
     )
     context.set_cipher_list(CIPHERS)
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    # The policy judges resumed sessions (HalfCloseTLSProtocol asks it).
+    context.set_app_data(policy)
+    _resume_here_only(context, identity, policy)
 
     if identity.chain:
         _present(context, identity)
@@ -313,6 +412,41 @@ def build_context(
     context.set_verify(mode, policy.verify)
     context.set_verify_depth(MAX_CHAIN_DEPTH)
     return context
+
+
+def _resume_here_only(
+    context: SSL.Context, identity: Identity, policy: PeerPolicy | CertPolicy | None
+) -> None:
+    """
+    Let peers resume sessions (stateless tickets) made with this context,
+    and with no other.
+
+    OpenSSL gives every context its own random ticket key, and the random
+    session ID context refuses sessions of any other context too. Every
+    change of identity, bundle or policy builds a new context, so it
+    invalidates every ticket issued before it. A resumed session skips the
+    verify callback; the policy's C{judge_resumed} judges it instead, when
+    the handshake completes. A Rego policy may look at the whole chain,
+    which a session does not keep: with one, no tickets are issued.
+    """
+    if isinstance(policy, CertPolicy) and policy.rego is not None:
+        context.set_options(SSL.OP_NO_TICKET)
+        return
+
+    context.set_session_id(secrets.token_bytes(32))
+    context.set_timeout(_ticket_lifetime(identity))
+
+
+def _ticket_lifetime(identity: Identity) -> int:
+    """
+    Seconds a session ticket stays good: at most L{MAX_TICKET_LIFETIME},
+    and never past the end of the certificate this context presents.
+    """
+    if not identity.chain:
+        return MAX_TICKET_LIFETIME
+    ends = identity.chain[0].not_valid_after_utc
+    left = (ends - datetime.datetime.now(datetime.UTC)).total_seconds()
+    return max(1, min(MAX_TICKET_LIFETIME, int(left)))
 
 
 def _same_cas(identity: Identity, verifier: BundleVerifier) -> bool:
@@ -365,6 +499,11 @@ class ContextHolder:
     """
     The current context, swapped whole on each identity update; each new
     connection is created from whatever context is current at that moment.
+
+    As a client it also keeps the latest session its server issued under
+    the current context, and offers it on the next connection, so that
+    most connections resume instead of making a full handshake. A new
+    context forgets it.
     """
 
     def __init__(self, build: Callable[[Identity], SSL.Context]) -> None:
@@ -372,6 +511,7 @@ class ContextHolder:
         self.context: SSL.Context | None = None
         self.identity: Identity | None = None
         self.server_name: str | None = None
+        self._session: SSL.Session | None = None
 
     def update(self, identity: Identity) -> None:
         """
@@ -382,16 +522,25 @@ class ContextHolder:
         context = self._build(identity)
         self.context = context
         self.identity = identity
+        self._session = None
 
     def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         tlsProtocol.handshake = HandshakeState()
         return SSL.Connection(self.context, None)
 
     def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
-        tlsProtocol.handshake = HandshakeState()
-        connection = SSL.Connection(self.context, None)
+        context = self.context
+        connection = SSL.Connection(context, None)
         if self.server_name and not _is_ip(self.server_name):
             connection.set_tlsext_host_name(self.server_name.encode("idna"))
+        if self._session is not None:
+            connection.set_session(self._session)
+
+        def keep_session(done: SSL.Connection) -> None:
+            if context is self.context:
+                self._session = done.get_session()
+
+        tlsProtocol.handshake = HandshakeState(keep_session=keep_session)
         return connection
 
 

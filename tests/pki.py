@@ -33,10 +33,11 @@ def mint(
     dns: Sequence[str] = (),
     ips: Sequence[str] = (),
     uris: Sequence[str] = (),
+    not_after: datetime.datetime | None = None,
 ) -> Issued:
     """
-    One certificate valid from an hour ago for a day; self-signed when
-    C{issuer} is L{None}.
+    One certificate valid from an hour ago for a day (or until
+    C{not_after}); self-signed when C{issuer} is L{None}.
     """
     key = new_key(key_type)
     attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
@@ -52,7 +53,7 @@ def mint(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(_NOW - datetime.timedelta(hours=1))
-        .not_valid_after(_NOW + datetime.timedelta(days=1))
+        .not_valid_after(not_after or _NOW + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if not ca:

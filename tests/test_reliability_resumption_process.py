@@ -1,19 +1,21 @@
 """
-TLS session resumption against real server tunnels.
+TLS session resumption against real tunnels.
 
-tls.build_context turns session tickets and the session cache off, so a
-client offering a saved session always gets a full handshake, and with it a
-fresh authentication and authorization. The first test proves that; the
-others prove what must hold if resumption is ever turned on: a peer that a
-reload has made unacceptable (its ID taken off the policy, or its CA out of
-the bundle) cannot get in by offering a session from before.
+Tunnels issue session tickets, so a peer that comes back resumes instead of
+making a full handshake; the certificate the session was made with is then
+judged again, against the policy and the clock of now. Every identity,
+bundle or policy change builds a new context, whose tickets are its own:
+a peer that such a change has made unacceptable (its ID taken off a Rego
+policy, its CA out of the bundle) cannot get in by offering a session from
+before, and neither can a peer whose certificate has since expired.
 
 The client is pyOpenSSL, which can offer a saved session; a control against
-an ssl-module server that does resume shows that the client would notice.
+an ssl-module server that does resume shows that the client notices.
 """
 
 from __future__ import annotations
 
+import datetime
 import signal
 import socket
 import ssl
@@ -28,6 +30,9 @@ from tests.pki import Pki, key_pem, pem
 from tests.processes import svid_files, wait_for
 
 _VERSIONS = {"TLSv1.2": SSL.TLS1_2_VERSION, "TLSv1.3": SSL.TLS1_3_VERSION}
+
+# X.509 validity has whole seconds; past this, "now" is surely after it.
+_CLOCK_SLACK = datetime.timedelta(seconds=1)
 
 
 def _session_reused(connection: SSL.Connection) -> bool:
@@ -142,7 +147,7 @@ def test_the_client_resumes_where_a_server_allows_it(tmp_path, version):
 
 
 @pytest.mark.parametrize("version", sorted(_VERSIONS))
-def test_tunnel_never_resumes_a_session(
+def test_tunnel_resumes_a_session_and_judges_it_again(
     tmp_path, agent, backend, start_tunnel, version
 ):
     server = start_tunnel(
@@ -160,8 +165,55 @@ def test_tunnel_never_resumes_a_session(
     second = client.exchange(server.port)
 
     assert first == (b"probe", False)
-    assert client.session is not None
-    assert second == (b"probe", False)
+    assert second == (b"probe", True)
+    line = server.wait_for_log("session resumed")
+    assert "client spiffe://domain.test/frontend allowed by" in line
+
+
+def test_client_tunnel_resumes_its_sessions_with_the_server_tunnel(pair):
+    """
+    Through a pair, later connections resume the session the client tunnel
+    kept from an earlier one, and carry bytes as the first did.
+    """
+    server, client = pair
+
+    for attempt in range(3):
+        with socket.create_connection(("127.0.0.1", client.port), timeout=15) as raw:
+            raw.sendall(b"ping %d" % attempt)
+            assert raw.recv(64) == b"ping %d" % attempt
+
+    line = server.wait_for_log("session resumed")
+    assert "client spiffe://domain.test/frontend allowed by" in line
+
+
+def test_session_of_an_expired_certificate_does_not_get_in(
+    tmp_path, backend, start_tunnel
+):
+    """
+    A client connects with a certificate about to expire and keeps the
+    session; once the certificate has expired, offering that session (whose
+    ticket is still good) gets it refused, not in.
+    """
+    pki = Pki(tmp_path)
+    ends = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=4)
+    server = _files_server(
+        start_tunnel, backend, pki, tmp_path, "--allow-cn", "short-lived"
+    )
+    cert, key = pki.split(pki.issue("short-lived", not_after=ends), "short-lived")
+    client = _Client(cert, key, "TLSv1.3")
+    assert client.exchange(server.port) == (b"probe", False)
+    reached = backend.accepted
+
+    wait_for(
+        lambda: datetime.datetime.now(datetime.UTC) > ends + _CLOCK_SLACK,
+        "the client's certificate to expire",
+    )
+    answer, _ = client.exchange(server.port)
+
+    assert answer == b""
+    assert backend.accepted == reached
+    line = server.wait_for_log("refused connection from")
+    assert "expired: resumed session" in line
 
 
 def _files_server(start_tunnel, backend, pki: Pki, folder: Path, *flags: str):
@@ -183,7 +235,9 @@ def test_session_from_before_a_policy_change_does_not_get_in(
 ):
     """
     A client allowed by the Rego policy connects; the policy is reloaded
-    without it; offering its saved session, it is refused.
+    without it; offering its saved session, it is refused. (A context with
+    a Rego policy issues no tickets at all: a policy may look at the whole
+    chain, which a session does not keep.)
     """
     pki = Pki(tmp_path)
     policy = tmp_path / "policy.rego"

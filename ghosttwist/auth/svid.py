@@ -319,6 +319,17 @@ class BundleVerifier:
         _check_path_shape(spiffe_id, len(path), path[1:-1])
         return spiffe_id
 
+    def authenticate_leaf(self, leaf: x509.Certificate) -> SpiffeId:
+        """
+        The SPIFFE ID of a C{leaf} whose chain was verified earlier against
+        these same bundles (the peer of a resumed TLS session): the SPIFFE
+        rules on the leaf, and its trust domain one of these bundles'.
+
+        @raise SvidError: saying why the leaf is refused.
+        """
+        spiffe_id, _ = self._check_rules([leaf])
+        return spiffe_id
+
     def _check_rules(self, chain: Sequence[x509.Certificate]) -> tuple[SpiffeId, str]:
         """
         The SPIFFE rules on what the peer sent, and its trust domain.
