@@ -167,7 +167,14 @@ def cpu_seconds(pids: list[int]) -> float:
     """
     User plus system CPU time used so far by C{pids} and their children.
     """
-    ticks = 0
+    return sum(cpu_split(pids))
+
+
+def cpu_split(pids: list[int]) -> tuple[float, float]:
+    """
+    User and system CPU time used so far by C{pids} and their children.
+    """
+    user = system = 0
     for pid in pids:
         for each in [pid, *_children(pid)]:
             try:
@@ -176,8 +183,10 @@ def cpu_seconds(pids: list[int]) -> float:
                 )
             except OSError:
                 continue
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+            user += int(fields[11])
+            system += int(fields[12])
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
 
 
 def _children(pid: int) -> list[int]:
@@ -590,14 +599,18 @@ requireCert = yes
         for port in (iperf_port, nginx_port):
             wait_for(lambda: listening(port), f"{name} on port {port}")
         cpu = {}
+        kernel = {}
 
         def load(kind, run, *args):
             spies = self.profile(pids, f"{name}-{kind}-r{round_number}")
-            used = cpu_seconds(pids)
+            user, system = cpu_split(pids)
             result = run(*args)
             # CPU the tunnels spent per unit of work (MB, request): unlike
             # rates, barely moved by whatever else the machine is doing.
-            cpu[kind] = (cpu_seconds(pids) - used) * 1e6 / max(self.units, 1)
+            user_after, system_after = cpu_split(pids)
+            used = user_after - user + system_after - system
+            cpu[kind] = used * 1e6 / max(self.units, 1)
+            kernel[kind] = (system_after - system) / used if used else 0.0
             [spy.wait() for spy in spies]
             return result
 
@@ -612,6 +625,7 @@ requireCert = yes
             "close": close,
             "memory": memory,
             "cpu_us": cpu,
+            "kernel_share": kernel,
         }
 
     def show_logs(self) -> None:
@@ -751,16 +765,20 @@ def render(results: dict, args) -> str:
         if name == "direct":
             continue
 
-        def cpu(kind, runs=runs):
-            return statistics.median(r["cpu_us"][kind] for r in runs)
+        def cpu(kind, unit, runs=runs):
+            used = statistics.median(r["cpu_us"][kind] for r in runs)
+            kernel = statistics.median(
+                r.get("kernel_share", {}).get(kind, 0) for r in runs
+            )
+            return f"{used:.0f} CPU us per {unit}, {kernel:.0%} of it in the kernel"
 
         lines.append(
             f"- {name}: {statistics.median(r['bulk'] for r in runs):.0f} MB/s "
-            f"({cpu('bulk'):.0f} CPU us per MB), "
+            f"({cpu('bulk', 'MB')}), "
             f"{statistics.median(r['keepalive']['rate'] for r in runs):.0f} req/s "
-            f"keep-alive ({cpu('keepalive'):.0f} CPU us per request), "
+            f"keep-alive ({cpu('keepalive', 'request')}), "
             f"{statistics.median(r['close']['rate'] for r in runs):.0f} "
-            f"new connections/s ({cpu('close'):.0f} CPU us per connection)"
+            f"new connections/s ({cpu('close', 'connection')})"
         )
     return "\n".join(lines)
 
