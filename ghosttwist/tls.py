@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import math
 import secrets
+import time
 from collections.abc import Callable
 
 import attrs
@@ -38,6 +40,11 @@ MAX_CHAIN_DEPTH = 8
 # The longest a session ticket stays good; never longer than the
 # certificate the context presents.
 MAX_TICKET_LIFETIME = 3600
+
+# Sessions a client keeps for its next connections. Each is offered once
+# (a TLS 1.3 ticket serves one resumption), so the pool is as deep as the
+# connections a client opens at once; each connection brings a new one.
+MAX_KEPT_SESSIONS = 64
 
 _OPENSSL_TEXT = {
     2: "unable to get issuer certificate",
@@ -107,6 +114,8 @@ class HandshakeState:
     # Client side: called once with the connection when a session worth
     # offering next time may have arrived.
     keep_session: Callable[[SSL.Connection], None] | None = None
+    # The context's L{ChainHorizon}, set when the connection is created.
+    horizon: ChainHorizon | None = None
     peer_id: str | None = None
     # With identities from files: the peer's name for log lines (its first
     # URI SAN, CN...); peer_id then holds only a SPIFFE ID from its leaf.
@@ -114,6 +123,45 @@ class HandshakeState:
     refusal: str | None = None
     detail: str = ""
     decision: str = ""
+
+
+class ChainHorizon:
+    """
+    When the first CA certificate ends that a session of one context may
+    lean on, among those that end before the leaf they vouch for.
+
+    A session keeps its peer's leaf but not the chain above it, so judging
+    a resumed session by its leaf alone would let in a peer whose
+    intermediate or root has expired since. Each verified chain whose CA
+    ends before its leaf lowers the horizon; once it has passed, no session
+    of that context may resume, and L{ContextHolder} builds a new context
+    (new ticket key) so that peers make a full handshake instead.
+    """
+
+    def __init__(self) -> None:
+        self.ends = math.inf
+
+    def note(self, chain: dict[int, crypto.X509]) -> None:
+        """
+        Take in the verified path of a full handshake (by depth, 0 the leaf).
+        """
+        if len(chain) < 2:
+            return
+        ends = {depth: _not_after(cert) for depth, cert in chain.items()}
+        leaf = ends.pop(0, math.inf)
+        first = min(ends.values())
+        if first < leaf:
+            self.ends = min(self.ends, first)
+
+    def passed(self) -> bool:
+        """
+        Whether a CA certificate some session may lean on has expired.
+        """
+        return time.time() >= self.ends
+
+
+def _not_after(certificate: crypto.X509) -> float:
+    return certificate.to_cryptography().not_valid_after_utc.timestamp()
 
 
 @attrs.frozen
@@ -500,10 +548,10 @@ class ContextHolder:
     The current context, swapped whole on each identity update; each new
     connection is created from whatever context is current at that moment.
 
-    As a client it also keeps the latest session its server issued under
-    the current context, and offers it on the next connection, so that
+    As a client it also keeps the sessions its server issued under the
+    current context, and offers each once, on a later connection, so that
     most connections resume instead of making a full handshake. A new
-    context forgets it.
+    context forgets them.
     """
 
     def __init__(self, build: Callable[[Identity], SSL.Context]) -> None:
@@ -511,7 +559,8 @@ class ContextHolder:
         self.context: SSL.Context | None = None
         self.identity: Identity | None = None
         self.server_name: str | None = None
-        self._session: SSL.Session | None = None
+        self.horizon = ChainHorizon()
+        self._sessions: list[SSL.Session] = []
 
     def update(self, identity: Identity) -> None:
         """
@@ -522,25 +571,47 @@ class ContextHolder:
         context = self._build(identity)
         self.context = context
         self.identity = identity
-        self._session = None
+        self.horizon = ChainHorizon()
+        self._sessions = []
+
+    def _renew_past_horizon(self) -> None:
+        """
+        Once a CA certificate that sessions of the current context may lean
+        on has expired, build the context again: its new ticket key voids
+        every session from before, and peers make full handshakes.
+        """
+        if self.identity is None or not self.horizon.passed():
+            return
+        log.info(
+            "a CA certificate in a peer's verified chain has expired: TLS "
+            "sessions from before are void"
+        )
+        self.update(self.identity)
 
     def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
-        tlsProtocol.handshake = HandshakeState()
+        self._renew_past_horizon()
+        tlsProtocol.handshake = HandshakeState(horizon=self.horizon)
         return SSL.Connection(self.context, None)
 
     def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        self._renew_past_horizon()
         context = self.context
         connection = SSL.Connection(context, None)
         if self.server_name and not _is_ip(self.server_name):
             connection.set_tlsext_host_name(self.server_name.encode("idna"))
-        if self._session is not None:
-            connection.set_session(self._session)
+        if self._sessions:
+            connection.set_session(self._sessions.pop())
 
         def keep_session(done: SSL.Connection) -> None:
-            if context is self.context:
-                self._session = done.get_session()
+            if context is not self.context:
+                return
+            self._sessions.append(done.get_session())
+            if len(self._sessions) > MAX_KEPT_SESSIONS:
+                del self._sessions[0]
 
-        tlsProtocol.handshake = HandshakeState(keep_session=keep_session)
+        tlsProtocol.handshake = HandshakeState(
+            keep_session=keep_session, horizon=self.horizon
+        )
         return connection
 
 

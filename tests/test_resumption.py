@@ -32,7 +32,7 @@ from ghosttwist.tls import (
 from tests import certs
 from tests.test_halfclose_tls import Recorder
 
-_NOW = datetime.datetime.now(datetime.timezone.utc)
+_NOW = datetime.datetime.now(datetime.UTC)
 _HOUR = datetime.timedelta(hours=1)
 _VALID = {"not_before": _NOW - _HOUR, "not_after": _NOW + _HOUR}
 _CA = certs.root_ca("domain.test CA", uris=["spiffe://domain.test"], **_VALID)
@@ -94,6 +94,18 @@ class _Peers:
     )
 
     def connect(self, data: bytes = b"hello"):
+        server, client, pump = self.open()
+        pump.flush()
+        if client.app.handshake:
+            client.write(data)
+        pump.flush()
+        return server, client
+
+    def open(self):
+        """
+        A new connection, its handshake not yet run: the client has picked
+        the session it offers.
+        """
         clock = Clock()
         server_factory = HalfCloseTLSFactory(
             self.server, False, Factory.forProtocol(Recorder), clock
@@ -108,11 +120,7 @@ class _Peers:
             greet=False,
         )
         server.app, client.app = server.wrappedProtocol, client.wrappedProtocol
-        pump.flush()
-        if client.app.handshake:
-            client.write(data)
-        pump.flush()
-        return server, client
+        return server, client, pump
 
 
 def test_a_returning_client_resumes_and_is_judged_again():
@@ -127,6 +135,33 @@ def test_a_returning_client_resumes_and_is_judged_again():
     assert client.handshake.peer_id == _BACKEND
     assert server.handshake.decision.endswith(", session resumed")
     assert server.app.received == b"hello"
+
+
+def test_every_connection_brings_the_session_for_a_later_one():
+    """
+    (The connections stay open: OpenSSL spoils the session of a connection
+    freed without a close_notify.)
+    """
+    peers = _Peers()
+    pairs = [peers.connect() for _ in range(5)]
+
+    assert [server.handshake.resumed for server, _ in pairs] == [False] + [True] * 4
+    assert all(server.app.received == b"hello" for server, _ in pairs)
+
+
+def test_each_kept_session_is_offered_once():
+    """
+    Two connections opened at once, with one session kept: one resumes,
+    the other makes a full handshake (a TLS 1.3 ticket serves once).
+    """
+    peers = _Peers()
+    peers.connect()
+    (server_a, _, pump_a), (server_b, _, pump_b) = peers.open(), peers.open()
+    pump_a.flush()
+    pump_b.flush()
+
+    assert [server_a.handshake.resumed, server_b.handshake.resumed] == [True, False]
+    assert server_b.handshake.verified
 
 
 def test_a_new_context_makes_every_old_session_useless():
