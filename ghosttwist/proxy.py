@@ -15,15 +15,16 @@ import time
 from collections.abc import Callable
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import NotConnectingError
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from ghosttwist.config import TunnelConfig
 from ghosttwist import proxyproto
 from ghosttwist.halfclose import HalfCloseTLSFactory
-from ghosttwist.outbound import target_endpoint
+from ghosttwist.outbound import direct_dialer, target_endpoint
 from ghosttwist.metrics import TunnelMetrics
 from ghosttwist.sendnow import send_now
 from ghosttwist.tls import ContextHolder, handshake_state
@@ -84,14 +85,36 @@ class _TLSSide(_Side):
     """
 
 
-class _DialFactory(Factory):
+class _DialFactory(ClientFactory):
+    """
+    Hands the dialed connection to its side. Dialed straight through the
+    reactor, it is also the dial in progress: a failure goes to the
+    splice, and L{cancel} stops the dial quietly, as cancelling an
+    endpoint's Deferred does.
+    """
+
     noisy = False
+    connector = None
+    cancelled = False
 
     def __init__(self, side: _Side) -> None:
         self.side = side
 
     def buildProtocol(self, addr) -> _Side:
         return self.side
+
+    def clientConnectionFailed(self, connector, reason) -> None:
+        if not self.cancelled:
+            self.side.splice._dial_failed(reason)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.connector is None:
+            return
+        try:
+            self.connector.stopConnecting()
+        except NotConnectingError:
+            pass
 
 
 class ConnectionTracker:
@@ -180,7 +203,7 @@ class Splice:
         self.started = 0.0
         self.remote = "?"
         self._pending: list[bytes] = []
-        self._dial: Deferred | None = None
+        self._dial: Deferred | _DialFactory | None = None
         self._setup_timer = None
         self._close_timer = None
         self._lifetime_timer = None
@@ -224,15 +247,26 @@ class Splice:
         if self.finished:
             return
 
-        factory = _DialFactory(self.outbound)
+        dial = _DialFactory(self.outbound)
+        factory = dial
         if self.outbound.tls:
             factory = HalfCloseTLSFactory(
                 self.tunnel.contexts, True, factory, self.reactor
             )
 
-        endpoint = target_endpoint(self.config, self.reactor)
-        self._dial = endpoint.connect(factory)
-        self._dial.addErrback(self._dial_failed)
+        connect = self.tunnel.dial_direct
+        if connect is None:
+            endpoint = target_endpoint(self.config, self.reactor)
+            self._dial = endpoint.connect(factory)
+            self._dial.addErrback(self._dial_failed)
+            return
+
+        # The setup timer, running since the accept, ends before a timeout
+        # of the same length started now could: the dial needs none of
+        # its own then.
+        timeout = None if self._setup_timer else self.config.connect_timeout or 3600
+        self._dial = dial
+        dial.connector = connect(factory, timeout)
 
     def _dial_failed(self, failure) -> None:
         self._dial = None
@@ -592,6 +626,7 @@ class TunnelFactory(Factory):
         self.reactor = reactor
         self.tracker = ConnectionTracker()
         self.metrics = TunnelMetrics()
+        self.dial_direct = direct_dialer(config, reactor)
 
     def buildProtocol(self, addr) -> _Side:
         return Splice(self).inbound
