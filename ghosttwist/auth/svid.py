@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import crypto
 from spiffe import SpiffeId
 
@@ -197,6 +198,57 @@ def _check_signing_certificate(cert: x509.Certificate) -> None:
         )
 
 
+class _Verdicts:
+    """
+    The outcome of one of the SPIFFE rule checks above for the certificates
+    seen lately, by their DER encoding: a peer presents the same leaf and
+    intermediates on every connection, and parsing their extensions again
+    each time is most of what authentication costs in Python.
+
+    The checks are pure functions of the certificate's content, so an
+    outcome is valid for as long as the bytes are the same; what depends on
+    the time or the bundles (validity, the chain, the trust domain's
+    bundle) is never remembered here. Holds at most C{size} certificates,
+    forgetting the oldest first, so a peer presenting ever new ones only
+    costs the checks, not memory.
+    """
+
+    def __init__(self, check, size: int = 256) -> None:
+        self._check = check
+        self._size = size
+        self._outcomes: dict[bytes, tuple[bool, object]] = {}
+
+    def __call__(self, cert: x509.Certificate):
+        """
+        What C{check(cert)} returns, or raise the L{SvidError} it raises.
+        """
+        key = cert.public_bytes(Encoding.DER)
+        outcome = self._outcomes.get(key)
+        if outcome is None:
+            try:
+                outcome = (True, self._check(cert))
+            except SvidError as error:
+                outcome = (False, (error.reason, error.detail))
+            if len(self._outcomes) >= self._size:
+                del self._outcomes[next(iter(self._outcomes))]
+            self._outcomes[key] = outcome
+
+        passed, value = outcome
+        if not passed:
+            raise SvidError(*value)
+        return value
+
+
+def _leaf_rules(leaf: x509.Certificate) -> SpiffeId:
+    spiffe_id = _leaf_spiffe_id(leaf)
+    _check_leaf(leaf)
+    return spiffe_id
+
+
+_checked_leaf = _Verdicts(_leaf_rules)
+_checked_signing_certificate = _Verdicts(_check_signing_certificate)
+
+
 def _to_openssl(cert: x509.Certificate) -> crypto.X509:
     return crypto.X509.from_cryptography(cert)
 
@@ -347,11 +399,9 @@ class BundleVerifier:
                 "accepted",
             )
 
-        leaf, intermediates = chain[0], chain[1:]
-        spiffe_id = _leaf_spiffe_id(leaf)
-        _check_leaf(leaf)
-        for cert in intermediates:
-            _check_signing_certificate(cert)
+        spiffe_id = _checked_leaf(chain[0])
+        for cert in chain[1:]:
+            _checked_signing_certificate(cert)
 
         trust_domain = str(spiffe_id.trust_domain)
         if trust_domain not in self._stores:
@@ -423,7 +473,7 @@ def _check_path_shape(
         )
 
     for cert in middle:
-        _check_signing_certificate(cert)
+        _checked_signing_certificate(cert)
 
 
 def authenticate(
