@@ -35,6 +35,10 @@ from ghosttwist.sendnow import send_now
 _READ_SIZE = 2**16
 # Under glibc's mmap threshold, so each read buffer is a cheap heap block.
 _SEND_READ_SIZE = 2**16
+# A TLS record carries at most 16 KiB of plaintext, and adds at most this
+# much (header, explicit nonce, MAC or tag, padding) on the wire.
+_RECORD = 2**14
+_RECORD_OVERHEAD = 2**8
 
 
 class HalfCloseTLSProtocol(TLSMemoryBIOProtocol):
@@ -150,32 +154,49 @@ class HalfCloseTLSProtocol(TLSMemoryBIOProtocol):
             self._flushSendBIO()
             self._tlsShutdownFinished(Failure())
             return
-        self._flushSendBIO()
+        # Sized for the records just made, so that they leave in one
+        # read and one send rather than a full read and a sliver.
+        self._flushSendBIO(sent + (sent // _RECORD + 1) * _RECORD_OVERHEAD)
 
-    def _flushSendBIO(self) -> None:
+    def _flushSendBIO(self, size: int = _SEND_READ_SIZE) -> None:
         while True:
             try:
-                data = self._tlsConnection.bio_read(_SEND_READ_SIZE)
+                data = self._tlsConnection.bio_read(size)
             except WantReadError:
                 return
             send_now(self.transport, data)
-            if len(data) < _SEND_READ_SIZE:
+            if len(data) < size:
                 return
 
     def _flushReceiveBIO(self) -> None:
+        # OpenSSL hands out one record (16 KiB at most) per recv, and one
+        # read from the socket holds several. Their plaintext is gathered
+        # and delivered once, so the other side sends it in one system
+        # call rather than one per record. Whatever came before a
+        # close_notify or an error is delivered before either is acted on.
+        chunks = []
+        closeNotify = False
+        failure = None
         while not self._lostTLSConnection:
             try:
-                data = self._tlsConnection.recv(_READ_SIZE)
+                chunks.append(self._tlsConnection.recv(_READ_SIZE))
             except WantReadError:
                 break
             except ZeroReturnError:
-                self._closeNotifyReceived()
+                closeNotify = True
                 break
             except Error:
-                self._tlsShutdownFinished(Failure())
-            else:
-                if not self._aborted:
-                    ProtocolWrapper.dataReceived(self, data)
+                failure = Failure()
+                break
+
+        if chunks and not self._aborted:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            del chunks
+            ProtocolWrapper.dataReceived(self, data)
+        if closeNotify:
+            self._closeNotifyReceived()
+        elif failure is not None:
+            self._tlsShutdownFinished(failure)
 
         self._flushSendBIO()
 
