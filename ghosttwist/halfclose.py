@@ -92,9 +92,17 @@ class HalfCloseTLSProtocol(TLSMemoryBIOProtocol):
         verify callback judged it); after a resumed one, only if the
         context's policy, asked again now, allows the certificate the
         session was made with. A refused peer is cut off at once.
+
+        The session keeps no chain: a full handshake leaves its chain's
+        earliest CA expiry on the context's horizon (before the tickets it
+        brings leave), and no session resumes once that has passed.
         """
         state = self.handshake
-        if state is None or state.verified:
+        if state is None:
+            return True
+        if state.verified:
+            if state.horizon is not None:
+                state.horizon.note(state.chain)
             return True
 
         connection = self._tlsConnection
@@ -102,7 +110,12 @@ class HalfCloseTLSProtocol(TLSMemoryBIOProtocol):
         if policy is None:
             return True
 
-        if policy.judge_resumed(state, connection.get_peer_certificate()):
+        if state.horizon is not None and state.horizon.passed():
+            state.refusal = "expired"
+            state.detail = (
+                "resumed session: a CA certificate in the peer's chain has expired"
+            )
+        elif policy.judge_resumed(state, connection.get_peer_certificate()):
             return True
 
         self._reason = Failure(Error([("ghosttwist", "resumption", state.detail)]))
