@@ -6,6 +6,7 @@ and proxy, started and stopped together.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import signal
 import sys
@@ -424,7 +425,11 @@ class TwistdTunnelService(TunnelService):
     """
 
     def startService(self) -> None:
-        self.ready.addErrback(_exit_on_startup_failure, self.reactor)
+        self.ready.addCallbacks(
+            _freeze_startup_objects,
+            _exit_on_startup_failure,
+            errbackArgs=(self.reactor,),
+        )
         self.reactor.callWhenRunning(_install_graceful_signals, self.reactor)
         super().startService()
 
@@ -435,6 +440,20 @@ class TwistdTunnelService(TunnelService):
         self.__init__(state["config"])
         self.name = state["name"]
         self.parent = state["parent"]
+
+
+def _freeze_startup_objects(result: object) -> object:
+    """
+    Once the tunnel runs, move every object alive so far (modules, the
+    gRPC channel, contexts: hundreds of thousands) out of the garbage
+    collector's sight. Each connection leaves a few reference cycles
+    behind, and without this every full collection walked all of them
+    again: tens of milliseconds in which no byte moved. Only for twistd,
+    which owns the process; an embedding application decides for itself.
+    """
+    gc.collect()
+    gc.freeze()
+    return result
 
 
 def _install_graceful_signals(reactor) -> None:
