@@ -234,3 +234,25 @@ def test_a_full_duplex_stream_arrives_whole_in_order():
 
     assert hashlib.sha256(server.app.received()).digest() == upstream.digest()
     assert hashlib.sha256(client.app.received()).digest() == downstream.digest()
+
+
+def test_a_large_write_is_encrypted_in_one_call():
+    """
+    A chunk of several records goes to OpenSSL in one send, and arrives
+    whole.
+    """
+    client, server, pump = _connect()
+    calls = []
+    connection = client._tlsConnection
+    send = connection.send
+
+    def counting_send(buffer):
+        calls.append(len(buffer))
+        return send(buffer)
+
+    connection.send = counting_send
+    client.write(_PAYLOAD)
+    pump.flush()
+
+    assert calls == [len(_PAYLOAD)]
+    assert server.app.received() == _PAYLOAD
