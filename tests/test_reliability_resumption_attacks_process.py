@@ -40,17 +40,27 @@ _CLOCK_SLACK = datetime.timedelta(seconds=1)
 _LIFE = datetime.timedelta(seconds=3)
 
 
-def _short_chain(folder: Path, pki: Pki, name: str, **names):
+def _short_chain(
+    folder: Path, pki: Pki, name: str, short: str = "intermediate", **names
+):
     """
-    A leaf valid for a day under an intermediate of C{pki}'s root that
-    expires in a few seconds; returns the chain and key files, and when
-    the intermediate ends.
+    A leaf under an intermediate of C{pki}'s root, one of them (C{short})
+    expiring in a few seconds, the other in a day; returns the chain and
+    key files, and when the short-lived one ends.
     """
     ends = datetime.datetime.now(datetime.UTC) + _LIFE
     intermediate = mint(
-        f"{name} intermediate", ca=True, issuer=pki.root, not_after=ends
+        f"{name} intermediate",
+        ca=True,
+        issuer=pki.root,
+        not_after=ends if short == "intermediate" else None,
     )
-    leaf = mint(name, issuer=intermediate, **names)
+    leaf = mint(
+        name,
+        issuer=intermediate,
+        not_after=ends if short == "leaf" else None,
+        **names,
+    )
     cert, key = folder / f"{name}-chain.pem", folder / f"{name}-key.pem"
     cert.write_bytes(pem(leaf.cert, intermediate.cert))
     key.write_bytes(key_pem(leaf.key))
@@ -159,16 +169,17 @@ def _through(port: int, probe: bytes) -> bytes:
             return b""
 
 
-def test_client_tunnel_does_not_resume_with_a_server_whose_intermediate_expired(
-    tmp_path, start_tunnel
+@pytest.mark.parametrize("short", ["intermediate", "leaf"])
+def test_client_tunnel_does_not_resume_with_a_server_whose_chain_expired(
+    tmp_path, start_tunnel, short
 ):
     """
     A client tunnel resumes with its server; once the server's
-    intermediate has expired, the client's bytes do not reach it over the
-    session kept from before.
+    intermediate, or its own certificate, has expired, the client's bytes
+    do not reach it over the session kept from before.
     """
     pki = Pki(tmp_path)
-    chain, key, ends = _short_chain(tmp_path, pki, "server", dns=["localhost"])
+    chain, key, ends = _short_chain(tmp_path, pki, "server", short, dns=["localhost"])
     hostile = _TicketServer(chain, key)
     client_cert, client_key = pki.split(pki.issue("client"), "client")
     client = start_tunnel(
