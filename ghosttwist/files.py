@@ -303,8 +303,10 @@ class FileSource(IdentityFeed):
 
         @raise FileIdentityError: when the files cannot be used.
         """
-        self._publish(load_identity(self.files))
+        identity = load_identity(self.files)
 
+        # Before the first identity goes out: publishing it starts the
+        # listener, and a reload signal from then on must not be fatal.
         try:
             for number in RELOAD_SIGNALS:
                 previous = signal.signal(number, self._signalled)
@@ -314,6 +316,8 @@ class FileSource(IdentityFeed):
                 "not in the main thread: reloads come from --timed-reload or "
                 "FileSource.reload() only, not from signals"
             )
+
+        self._publish(identity)
 
         if self._timed_reload:
             self._timer = LoopingCall(self.reload, "timer")

@@ -426,12 +426,16 @@ class TwistdTunnelService(TunnelService):
 
     def startService(self) -> None:
         self.ready.addCallbacks(
-            _freeze_startup_objects,
-            _exit_on_startup_failure,
-            errbackArgs=(self.reactor,),
+            self._freeze_soon, _exit_on_startup_failure, errbackArgs=(self.reactor,)
         )
         self.reactor.callWhenRunning(_install_graceful_signals, self.reactor)
         super().startService()
+
+    def _freeze_soon(self, port: object) -> object:
+        # On a turn of its own, not inside the start-up call that fired
+        # ready (a file source installs its signal handlers in it).
+        self.reactor.callLater(0, _freeze_startup_objects, None)
+        return port
 
     def __getstate__(self) -> dict:
         return {"config": self.config, "name": self.name, "parent": self.parent}

@@ -130,6 +130,26 @@ def test_file_source_reloads_on_timer_and_keeps_identity_on_failure(pki):
     assert not reactor.getDelayedCalls()
 
 
+def test_reload_signals_are_handled_before_the_first_identity_goes_out(pki):
+    """
+    Delivering the first identity starts the listener: from the moment a
+    tunnel can be seen listening, SIGUSR1 and SIGHUP reload, never kill.
+    """
+    path = pki.keystore(pki.issue("first"), "k")
+    source = FileSource(_files(pki, path), MemoryReactorClock(), 0, [])
+    handlers = []
+    source.subscribe(
+        lambda identity: handlers.extend(
+            signal.getsignal(number) for number in (signal.SIGUSR1, signal.SIGHUP)
+        )
+    )
+
+    source.start()
+    source.stop()
+
+    assert handlers == [source._signalled, source._signalled]
+
+
 POLICY = """
 package tunnel
 
