@@ -192,6 +192,7 @@ class TunnelMetrics:
         self.accept_timeout = 0
         self.conn_timeout = 0
         self.conn_open = 0
+        self.resumed = 0
         self.handshake = Timer(clock)
         self.lifetime = Timer(clock)
         self.refusals: dict[str, int] = dict.fromkeys(KNOWN_REFUSALS, 0)
@@ -215,11 +216,14 @@ class TunnelMetrics:
         """
         self.accept_success += 1
 
-    def handshake_done(self, seconds: float) -> None:
+    def handshake_done(self, seconds: float, resumed: bool = False) -> None:
         """
-        A TLS handshake of the tunnel's TLS side completed in C{seconds}.
+        A TLS handshake of the tunnel's TLS side completed in C{seconds};
+        C{resumed} if it resumed an earlier session.
         """
         self.handshake.update(seconds)
+        if resumed:
+            self.resumed += 1
 
     def opened(self) -> None:
         """
@@ -306,6 +310,7 @@ class TunnelMetrics:
             ("accept.timeout", self.accept_timeout),
             ("conn.open", self.conn_open),
             ("conn.timeout", self.conn_timeout),
+            ("conn.resumed", self.resumed),
         ]
         for name, timer in (("conn.lifetime", self.lifetime),
                             ("conn.handshake", self.handshake)):
@@ -421,6 +426,7 @@ class TunnelCollector:
             ("accept.timeout", m.accept_timeout),
             ("conn.open", m.conn_open),
             ("conn.timeout", m.conn_timeout),
+            ("conn.resumed", m.resumed),
         ):
             yield GaugeMetricFamily(self._name(dotted), dotted, value=value)
 

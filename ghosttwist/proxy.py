@@ -235,7 +235,10 @@ class Splice:
             self._dial_target()
 
     def handshake_completed(self, side: _Side) -> None:
-        self.tunnel.metrics.handshake_done(time.monotonic() - self.started)
+        state = handshake_state(side.transport)
+        self.tunnel.metrics.handshake_done(
+            time.monotonic() - self.started, resumed=bool(state and state.resumed)
+        )
         if side is self.inbound:
             self.inbound_ready = True
             self.tunnel.metrics.accept_succeeded()

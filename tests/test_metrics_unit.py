@@ -116,6 +116,17 @@ def test_json_names_follow_ghostunnel_under_the_prefix():
     assert set(records[0]) == {"metric", "value", "timestamp", "hostname"}
 
 
+def test_resumed_handshakes_are_counted():
+    metrics = TunnelMetrics()
+    metrics.handshake_done(0.002)
+    metrics.handshake_done(0.001, resumed=True)
+
+    values = dict(metrics.samples("ghosttwist"))
+
+    assert values["ghosttwist.conn.resumed"] == 1
+    assert values["ghosttwist.conn.handshake.count"] == 2
+
+
 def test_graphite_lines_carry_name_value_and_time():
     metrics = TunnelMetrics()
     metrics.accepted()

@@ -27,7 +27,8 @@ import pytest
 from OpenSSL import SSL
 
 from tests.pki import Pki, key_pem, pem
-from tests.processes import svid_files, wait_for
+from tests.processes import free_port, svid_files, wait_for
+from tests.test_status_events_process import _metric_reaches
 
 _VERSIONS = {"TLSv1.2": SSL.TLS1_2_VERSION, "TLSv1.3": SSL.TLS1_3_VERSION}
 
@@ -150,6 +151,7 @@ def test_the_client_resumes_where_a_server_allows_it(tmp_path, version):
 def test_tunnel_resumes_a_session_and_judges_it_again(
     tmp_path, agent, backend, start_tunnel, version
 ):
+    status = free_port()
     server = start_tunnel(
         "server",
         backend.address,
@@ -157,6 +159,8 @@ def test_tunnel_resumes_a_session_and_judges_it_again(
         agent.address("backend"),
         "--allow-uri",
         "spiffe://domain.test/frontend",
+        "--status",
+        f"http://127.0.0.1:{status}",
     )
     files = svid_files(agent, "frontend", tmp_path)
     client = _Client(files["cert"], files["key"], version)
@@ -168,6 +172,8 @@ def test_tunnel_resumes_a_session_and_judges_it_again(
     assert second == (b"probe", True)
     line = server.wait_for_log("session resumed")
     assert "client spiffe://domain.test/frontend allowed by" in line
+    values = _metric_reaches(status, "ghosttwist.conn.resumed", 1)
+    assert values["ghosttwist.accept.success"] == 2
 
 
 def test_client_tunnel_resumes_its_sessions_with_the_server_tunnel(pair):
