@@ -586,7 +586,17 @@ class ContextHolder:
             "a CA certificate in a peer's verified chain has expired: TLS "
             "sessions from before are void"
         )
-        self.update(self.identity)
+        try:
+            self.update(self.identity)
+        except Exception as error:  # noqa: BLE001 - any failure to build
+            # The old context stays, and its passed horizon refuses every
+            # resumption on it (HalfCloseTLSProtocol), so peers must make
+            # full handshakes anyway.
+            log.error(
+                "cannot rebuild the TLS context ({error}); resumed sessions are "
+                "refused until the next identity update",
+                error=error,
+            )
 
     def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         self._renew_past_horizon()

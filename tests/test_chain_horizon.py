@@ -69,3 +69,31 @@ def test_a_passed_horizon_renews_the_context_before_a_connection():
     assert holder.context is not first
     assert transport.handshake.horizon is holder.horizon is not horizon
     assert not holder.horizon.passed()
+
+
+def test_a_context_that_cannot_be_rebuilt_keeps_refusing_resumption():
+    """
+    If rebuilding fails, the old context stays in service with its horizon
+    still passed, which refuses every resumption on it.
+    """
+    calls = []
+
+    def build(identity):
+        calls.append(identity)
+        if len(calls) > 1:
+            raise ValueError("no luck")
+        return SSL.Context(SSL.TLS_METHOD)
+
+    holder = ContextHolder(build)
+    holder.update("identity")
+    first = holder.context
+    holder.horizon.ends = 0
+
+    class Transport:
+        handshake = None
+
+    transport = Transport()
+    holder.serverConnectionForTLS(transport)
+
+    assert holder.context is first
+    assert transport.handshake.horizon.passed()
