@@ -81,6 +81,11 @@ def main() -> int:
         parser.error("--rounds must be 1-20 and --seconds 1-60")
     if not 10 <= args.idle <= 5000:
         parser.error("--idle must be 10-5000")
+    if not (Path(sys.executable).parent / "twistd").exists():
+        parser.error(
+            f"no twistd next to {sys.executable}: run it with the Python of a "
+            "virtualenv where ghosttwist is installed (. .venv/bin/activate)"
+        )
 
     install_tools()
     _raise_fd_limit(args.idle * 4 + 512)
@@ -710,10 +715,11 @@ def render(results: dict, args) -> str:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
+    rounds = f"{args.rounds} round{'' if args.rounds == 1 else 's'}"
     lines = [
         f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on "
         f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, Python "
-        f"{platform.python_version()}; {args.rounds} rounds of {args.seconds} s per "
+        f"{platform.python_version()}; {rounds} of {args.seconds} s per "
         f"load, wrk -t{args.threads} -c{args.connections}, {args.idle} idle "
         "connections. Each cell: median (min-max) over rounds; ratios are to the "
         "direct path of the same round.",
