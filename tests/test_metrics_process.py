@@ -89,13 +89,20 @@ def test_json_and_prometheus_paths(agent, backend, start_tunnel):
         start_tunnel, agent, backend.address, "--status", f"http://127.0.0.1:{port}"
     )
 
-    plain, named = _json_metrics(port), _json_metrics(port, "/_metrics/json")
+    # The gauge follows gRPC's channel state, reported from gRPC's own
+    # thread: it may reach 1 a moment after the first SVID did.
+    plain = wait_for(
+        lambda: (values := _json_metrics(port))["ghosttwist.workload_api.connected"]
+        == 1
+        and values,
+        "workload_api.connected == 1",
+    )
+    named = _json_metrics(port, "/_metrics/json")
     prometheus = _prometheus_metrics(port, "/_metrics/prometheus")
     query = _prometheus_metrics(port, "/_metrics?format=prometheus")
 
     assert set(plain) == set(named)
     assert "ghosttwist.identity.expiry_seconds" in plain
-    assert plain["ghosttwist.workload_api.connected"] == 1
     assert set(prometheus) == set(query)
     assert prometheus["ghosttwist_accept_total"] == 0
     assert prometheus["ghosttwist_identity_expiry_seconds"] > 0
