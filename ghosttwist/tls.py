@@ -215,24 +215,9 @@ class PeerPolicy:
             return False
 
         state.chain[0] = leaf
-        try:
-            spiffe_id = self.verifier.authenticate_leaf(certificate)
-        except SvidError as error:
-            state.refusal = error.reason
-            state.detail = error.detail
+        if not self._admit(state, self.verifier.authenticate_leaf, certificate):
             return False
-
-        state.peer_id = str(spiffe_id)
-        decision = self.authorizer.check(spiffe_id)
-        state.decision = decision.reason
-        if not decision.allowed:
-            state.refusal = "unauthorized"
-            state.detail = decision.reason
-            return False
-
-        state.resumed = True
-        state.decision += ", session resumed"
-        return True
+        return _mark_resumed(state)
 
     def _name_leaf_defect(self, state: HandshakeState) -> None:
         """
@@ -249,11 +234,17 @@ class PeerPolicy:
 
     def _verify_leaf(self, state: HandshakeState) -> bool:
         chain = [state.chain[depth].to_cryptography() for depth in sorted(state.chain)]
+        if self.store_is_verifiers:
+            return self._admit(state, self.verifier.authenticate_verified_path, chain)
+        return self._admit(state, self.verifier.authenticate, chain)
+
+    def _admit(self, state: HandshakeState, authenticate, certificates) -> bool:
+        """
+        Authenticate the peer from C{certificates}, then authorize the
+        SPIFFE ID it proved; record the outcome on C{state}.
+        """
         try:
-            if self.store_is_verifiers:
-                spiffe_id = self.verifier.authenticate_verified_path(chain)
-            else:
-                spiffe_id = self.verifier.authenticate(chain)
+            spiffe_id = authenticate(certificates)
         except SvidError as error:
             state.refusal = error.reason
             state.detail = error.detail
@@ -327,10 +318,7 @@ class CertPolicy:
                 return False
             state.chain[0] = leaf
             allowed = self._verify_leaf(state)
-        if allowed:
-            state.resumed = True
-            state.decision += ", session resumed"
-        return allowed
+        return allowed and _mark_resumed(state)
 
     def _verify_pin(self, state: HandshakeState, leaf) -> bool:
         # No CA vouches for the names in a pinned certificate: none of them,
@@ -373,6 +361,12 @@ class CertPolicy:
             state.refusal = "unauthorized"
             state.detail = decision.reason
         return decision.allowed
+
+
+def _mark_resumed(state: HandshakeState) -> bool:
+    state.resumed = True
+    state.decision += ", session resumed"
+    return True
 
 
 def _refuse_resumed(state: HandshakeState, reason: str, detail: str) -> bool:
