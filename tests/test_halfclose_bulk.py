@@ -7,7 +7,6 @@ stream; a write leaves as one piece.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -16,19 +15,10 @@ from twisted.internet.task import Clock
 from twisted.test.iosim import FakeTransport, connectedServerAndClient
 from zope.interface import implementer
 
-from ghosttwist.auth.policy import Authorizer
-from ghosttwist.auth.svid import BundleVerifier
 from ghosttwist.halfclose import HalfCloseTLSFactory
-from ghosttwist.identity import Identity
-from ghosttwist.tls import ContextHolder, PeerPolicy, build_context
-from tests import certs
+from tests.test_halfclose_tls import _holder as _tls_holder
+from tests.test_halfclose_tls import _identity
 
-_NOW = datetime.datetime.now(datetime.timezone.utc)
-_VALID = {
-    "not_before": _NOW - datetime.timedelta(hours=1),
-    "not_after": _NOW + datetime.timedelta(hours=1),
-}
-_CA = certs.root_ca("domain.test CA", uris=["spiffe://domain.test"], **_VALID)
 _CLIENT = "spiffe://domain.test/frontend"
 _SERVER = "spiffe://domain.test/backend"
 
@@ -82,20 +72,8 @@ class PausableTransport(FakeTransport):
         self.paused = False
 
 
-def _holder(spiffe_id: str, server: bool, allowed: str) -> ContextHolder:
-    issued = certs.leaf(_CA, spiffe_id, **_VALID)
-    identity = Identity(
-        chain=(issued.cert,), key=issued.key, bundles={"domain.test": (_CA.cert,)}
-    )
-    authorizer = Authorizer(patterns=(allowed,))
-
-    def build(current: Identity):
-        policy = PeerPolicy(BundleVerifier(current.bundles), authorizer)
-        return build_context(current, server=server, policy=policy)
-
-    holder = ContextHolder(build)
-    holder.update(identity)
-    return holder
+def _holder(spiffe_id: str, server: bool, allowed: str):
+    return _tls_holder(_identity(spiffe_id), server, (allowed,))
 
 
 def _connect():

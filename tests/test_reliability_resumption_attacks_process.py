@@ -27,6 +27,7 @@ from OpenSSL import SSL
 
 from tests.pki import Pki, key_pem, mint, pem
 from tests.processes import free_port, svid_files, wait_for
+from tests.test_status_process import start_server
 from tests.test_reliability_resumption_process import (
     _Client,
     _files_server,
@@ -215,14 +216,7 @@ def test_svid_or_ca_rotation_voids_every_session(
     (SIGUSR2), a session from before does not resume: the client makes a
     full handshake (its SVID is still good) instead.
     """
-    server = start_tunnel(
-        "server",
-        backend.address,
-        "--use-workload-api-addr",
-        agent.address("backend"),
-        "--allow-uri",
-        "spiffe://domain.test/frontend",
-    )
+    server = start_server(start_tunnel, agent, backend.address)
     files = svid_files(agent, "frontend", tmp_path)
     client = _Client(files["cert"], files["key"], "TLSv1.3")
     assert client.exchange(server.port) == (b"probe", False)
@@ -309,14 +303,7 @@ def test_ticket_without_its_secret_does_not_get_in(
     """
     from OpenSSL._util import ffi, lib
 
-    server = start_tunnel(
-        "server",
-        backend.address,
-        "--use-workload-api-addr",
-        agent.address("backend"),
-        "--allow-uri",
-        "spiffe://domain.test/frontend",
-    )
+    server = start_server(start_tunnel, agent, backend.address)
     frontend = svid_files(agent, "frontend", tmp_path)
     thief = _Client(frontend["cert"], frontend["key"], version)
     assert thief.exchange(server.port) == (b"probe", False)
@@ -341,14 +328,7 @@ def test_tickets_allow_no_early_data(tmp_path, agent, backend, start_tunnel):
     """
     from OpenSSL._util import lib
 
-    server = start_tunnel(
-        "server",
-        backend.address,
-        "--use-workload-api-addr",
-        agent.address("backend"),
-        "--allow-uri",
-        "spiffe://domain.test/frontend",
-    )
+    server = start_server(start_tunnel, agent, backend.address)
     files = svid_files(agent, "frontend", tmp_path)
     client = _Client(files["cert"], files["key"], "TLSv1.3")
     assert client.exchange(server.port) == (b"probe", False)

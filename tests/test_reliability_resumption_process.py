@@ -29,6 +29,7 @@ from OpenSSL import SSL
 from tests.pki import Pki, key_pem, pem
 from tests.processes import free_port, svid_files, wait_for
 from tests.test_status_events_process import _metric_reaches
+from tests.test_status_process import start_server
 
 _VERSIONS = {"TLSv1.2": SSL.TLS1_2_VERSION, "TLSv1.3": SSL.TLS1_3_VERSION}
 
@@ -152,15 +153,8 @@ def test_tunnel_resumes_a_session_and_judges_it_again(
     tmp_path, agent, backend, start_tunnel, version
 ):
     status = free_port()
-    server = start_tunnel(
-        "server",
-        backend.address,
-        "--use-workload-api-addr",
-        agent.address("backend"),
-        "--allow-uri",
-        "spiffe://domain.test/frontend",
-        "--status",
-        f"http://127.0.0.1:{status}",
+    server = start_server(
+        start_tunnel, agent, backend.address, "--status", f"http://127.0.0.1:{status}"
     )
     files = svid_files(agent, "frontend", tmp_path)
     client = _Client(files["cert"], files["key"], version)
