@@ -50,9 +50,11 @@ class Run:
     An agent, a backend and a client/server pair in a temporary folder.
     """
 
-    def __init__(self, folder: Path, handler=echo, *agent_flags: str) -> None:
+    def __init__(
+        self, folder: Path, handler=echo, *agent_flags: str, agent=None
+    ) -> None:
         self.folder = folder
-        self.agent = DevAgent(folder, ("backend", "frontend"), *agent_flags)
+        self.agent = agent or DevAgent(folder, ("backend", "frontend"), *agent_flags)
         self.backend = Backend(handler)
         self.server = Tunnel(
             folder,
@@ -309,29 +311,7 @@ def agent_restart(folder: Path, restarts: int) -> int:
     from tests.test_reliability_certs_process import _ca
     from tests.test_reliability_faults_process import _agent_with_ca
 
-    ca = _ca("soak root")
-    run = Run.__new__(Run)
-    run.folder = folder
-    run.agent = _agent_with_ca(root, ca)
-    run.backend = Backend(echo)
-    run.server = Tunnel(
-        folder,
-        "server",
-        run.backend.address,
-        "--use-workload-api-addr",
-        run.agent.address("backend"),
-        "--allow-uri",
-        FRONTEND,
-    ).wait_listening()
-    run.client = Tunnel(
-        folder,
-        "client",
-        run.server.address,
-        "--use-workload-api-addr",
-        run.agent.address("frontend"),
-        "--verify-uri",
-        BACKEND,
-    ).wait_listening()
+    run = Run(folder, agent=_agent_with_ca(root, _ca("soak root")))
     done = failures = 0
     try:
         for number in range(restarts):
